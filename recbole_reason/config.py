@@ -1,0 +1,52 @@
+"""`Config` for plugin models and RecBole's own, with the plugin's YAML layered on top of RecBole's.
+
+Internal YAML, lowest priority first (config files, config_dict and the command line still override all):
+RecBole's overall/model/dataset/quick-start files; then, for every SEQUENTIAL model (baselines included),
+our `properties/overall.yaml`; then `properties/dataset/<dataset>.yaml`; then `properties/model/<Model>.yaml`.
+"""
+
+import os
+from importlib import resources
+
+from recbole.config import Config as RecBoleConfig
+from recbole.utils import ModelType
+
+from recbole_reason.utils import get_model
+
+
+def properties_dir():
+    """The plugin's YAML folder: package data `recbole_reason.properties` once installed, else the source
+    checkout's top-level `properties/` (running from a clone without installing, as with RecBole-GNN)."""
+    try:
+        return str(resources.files("recbole_reason.properties"))
+    except ModuleNotFoundError:
+        return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "properties")
+
+
+class Config(RecBoleConfig):
+    def _get_model_and_dataset(self, model, dataset):
+        if model is None:
+            model = self.external_config_dict.get("model")
+            if model is None:
+                raise KeyError("No model given: pass --model=<Name> (e.g. --model=ReaRec) or set `model` in a config file.")
+        if isinstance(model, str):
+            model_class = get_model(model)
+        else:
+            model_class, model = model, model.__name__
+        if dataset is None:
+            dataset = self.external_config_dict.get("dataset")
+            if dataset is None:
+                raise KeyError("No dataset given: pass --dataset=<name> (e.g. --dataset=ml-100k) or set `dataset` in a config file.")
+        return model, model_class, dataset
+
+    def _load_internal_config_dict(self, model, model_class, dataset):
+        super()._load_internal_config_dict(model, model_class, dataset)
+        folder = properties_dir()
+        layers = [os.path.join(folder, "dataset", f"{dataset}.yaml"), os.path.join(folder, "model", f"{model}.yaml")]
+        if model_class.type == ModelType.SEQUENTIAL:
+            layers.insert(0, os.path.join(folder, "overall.yaml"))
+        for file in layers:
+            if os.path.isfile(file):
+                loaded = self._update_internal_config_dict(file)
+                if "/dataset/" in file.replace(os.sep, "/") and loaded:
+                    self.parameters["Dataset"] += [key for key in loaded if key not in self.parameters["Dataset"]]

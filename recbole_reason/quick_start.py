@@ -1,0 +1,94 @@
+"""`run_recbole_reason` and `objective_function`: RecBole's quick start, resolved through the plugin.
+
+Same steps as `recbole.quick_start.run_recbole` (Config, seed, logger, dataset, split, model, trainer, fit,
+evaluate), minus the FLOPs count, and without importing `recbole.quick_start` (ray).
+"""
+
+import logging
+import sys
+from logging import getLogger
+
+from recbole.data import data_preparation
+from recbole.utils import get_environment, init_logger, init_seed, set_color
+
+from recbole_reason.config import Config
+from recbole_reason.utils import create_dataset, get_model, get_trainer
+
+
+def metrics_table(rows):
+    """Markdown table of metric dicts, e.g. {'best valid': {...}, 'test': {...}}: pasteable into a paper."""
+    rows = {name: result for name, result in rows.items() if result}
+    if not rows:
+        return ""
+    metrics = list(next(iter(rows.values())).keys())
+    lines = ["| split | " + " | ".join(metrics) + " |", "|---|" + "---:|" * len(metrics)]
+    for name, result in rows.items():
+        lines.append(f"| {name} | " + " | ".join(f"{float(result[m]):.4f}" for m in metrics) + " |")
+    return "\n".join(lines)
+
+
+def _build(config):
+    """Dataset, loaders, model and trainer for a ready Config."""
+    dataset = create_dataset(config)
+    train_data, valid_data, test_data = data_preparation(config, dataset)
+    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+    model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    return dataset, (train_data, valid_data, test_data), model, trainer
+
+
+def run_recbole_reason(model=None, dataset=None, config_file_list=None, config_dict=None, saved=True):
+    """Train and test one model (plugin or RecBole) on one dataset. Returns RecBole's result dict plus `model`."""
+    config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
+    init_seed(config["seed"], config["reproducibility"])
+    init_logger(config)
+    logger = getLogger()
+    logger.info(sys.argv)
+    logger.info(config)
+
+    dataset, (train_data, valid_data, test_data), model, trainer = _build(config)
+    logger.info(dataset)
+    logger.info(model)
+
+    best_valid_score, best_valid_result = trainer.fit(
+        train_data, valid_data, saved=saved, show_progress=config["show_progress"]
+    )
+    test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
+
+    logger.info("The running environment of this training is as follows:\n" + get_environment(config).draw())
+    logger.info(set_color("best valid ", "yellow") + f": {dict(best_valid_result or {})}")
+    logger.info(set_color("test result", "yellow") + f": {dict(test_result or {})}")
+    logger.info(
+        set_color(f"{config['model']} on {config['dataset']}", "yellow")
+        + "\n"
+        + metrics_table({"best valid": best_valid_result, "test": test_result})
+    )
+    return {
+        "model": config["model"],
+        "best_valid_score": best_valid_score,
+        "valid_score_bigger": config["valid_metric_bigger"],
+        "best_valid_result": best_valid_result,
+        "test_result": test_result,
+        "saved_model_file": trainer.saved_model_file if saved else None,
+    }
+
+
+def objective_function(config_dict=None, config_file_list=None, saved=True):
+    """The objective for RecBole's `HyperTuning`: quiet training, returns the dict HyperTuning expects."""
+    config = Config(config_dict=config_dict, config_file_list=config_file_list)
+    init_seed(config["seed"], config["reproducibility"])
+    logger = getLogger()
+    for handler in logger.handlers[:]:
+        logger.removeHandler(handler)
+    init_logger(config)
+    logging.basicConfig(level=logging.ERROR)
+    _, (train_data, valid_data, test_data), _, trainer = _build(config)
+    best_valid_score, best_valid_result = trainer.fit(train_data, valid_data, verbose=False, saved=saved)
+    test_result = trainer.evaluate(test_data, load_best_model=saved)
+    return {
+        "model": config["model"],
+        "best_valid_score": best_valid_score,
+        "valid_score_bigger": config["valid_metric_bigger"],
+        "best_valid_result": best_valid_result,
+        "test_result": test_result,
+    }

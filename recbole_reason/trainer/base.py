@@ -1,0 +1,106 @@
+"""Trainers shared by the plugin's models.
+
+`ReasonTrainer`: RecBole's `Trainer` that loads checkpoints under torch >= 2.6 and tells the model which epoch
+it is in (`model.set_epoch(epoch)`, for warm-ups such as ReaRec's RCL).
+
+`PostTrainingTrainer`: two named stages in one run, the shape of LARES (SPT -> RPT), R2ec (warm-up -> RecPO)
+and REG4Rec (supervised -> PARS):
+  1. the supervised stage: RecBole's own `fit` with the model's `calculate_loss`, early stopping, checkpoint;
+  2. the post-training stage: the best supervised weights are reloaded, a frozen copy becomes
+     `self.reference_model` (for KL terms), a fresh optimizer is built, and RecBole's same `fit` loop runs for
+     `<post_epochs_key>` more epochs with `post_training_loss` as the loss. It early-stops on the same valid
+     metric and saves into the **same** checkpoint file, only when the valid score beats the best so far
+     (supervised stage included), so `evaluate(load_best_model=True)` and HyperTuning see the best model.
+`<post_epochs_key>: 0` gives the supervised-only variant.
+"""
+
+import copy
+from collections import defaultdict
+
+from recbole.trainer import Trainer
+from recbole.utils import set_color
+
+from recbole_reason.compat import TrustedCheckpointMixin, load_checkpoint
+
+
+class ReasonTrainer(TrustedCheckpointMixin, Trainer):
+    stage = "supervised"
+
+    def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
+        if hasattr(self.model, "set_epoch"):
+            self.model.set_epoch(epoch_idx)
+        return super()._train_epoch(train_data, epoch_idx, loss_func=loss_func, show_progress=show_progress)
+
+    def _add_train_loss_to_tensorboard(self, epoch_idx, losses, tag="Loss/Train"):
+        super()._add_train_loss_to_tensorboard(epoch_idx, losses, tag=f"{self.stage}/{tag}")
+
+
+class PostTrainingTrainer(ReasonTrainer):
+    post_stage = "post_training"  # name used in logs and TensorBoard tags, e.g. "rpt", "recpo", "pars"
+    post_epochs_key = "rl_epochs"
+    post_learning_rate_key = "rl_learning_rate"
+
+    def __init__(self, config, model):
+        super().__init__(config, model)
+        self.post_epochs = int(config[self.post_epochs_key] or 0)
+        if self.post_epochs < 0:
+            raise ValueError(f"{self.post_epochs_key} must be >= 0 (0 switches the {self.post_stage} stage off), got {self.post_epochs}.")
+        self.post_learning_rate = config[self.post_learning_rate_key] or config["learning_rate"]
+        self.reference_model = None
+        self.stage_results = {}
+        self._stats = defaultdict(list)
+
+    # -- hooks for subclasses -------------------------------------------------------------------------------
+    def start_post_training(self, train_data):
+        """Called once between the stages, after the best supervised weights are loaded."""
+
+    def post_training_loss(self, interaction):
+        """The post-training loss of one batch (a tensor or a tuple of tensors, as `calculate_loss`)."""
+        raise NotImplementedError
+
+    def record(self, **stats):
+        """Per-batch scalars (rewards, advantages, KL...) averaged per epoch into TensorBoard and the log."""
+        for name, value in stats.items():
+            self._stats[name].append(float(value))
+
+    # -- the two stages -------------------------------------------------------------------------------------
+    def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
+        self._log_stage(verbose, 1, self.stage, f"epochs={self.epochs}")
+        result = super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
+        self.stage_results[self.stage] = result
+        if self.post_epochs == 0:
+            return result
+
+        if saved and valid_data:
+            checkpoint = load_checkpoint(self.saved_model_file, map_location=self.device)
+            self.model.load_state_dict(checkpoint["state_dict"])
+            self.model.load_other_parameter(checkpoint.get("other_parameter"))
+        self.stage = self.post_stage
+        self._log_stage(verbose, 2, self.post_stage, f"{self.post_epochs_key}={self.post_epochs}, lr={self.post_learning_rate}")
+        self.reference_model = copy.deepcopy(self.model).eval()
+        for parameter in self.reference_model.parameters():
+            parameter.requires_grad_(False)
+        self.start_post_training(train_data)
+        self.optimizer = self._build_optimizer(learning_rate=self.post_learning_rate)
+        self.cur_step = 0
+        self.start_epoch = len(self.train_loss_dict)
+        self.epochs = self.start_epoch + self.post_epochs
+        self.eval_step = min(self.config["eval_step"], self.post_epochs)
+        result = super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
+        self.stage_results[self.post_stage] = result
+        return result
+
+    def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
+        if self.stage == self.post_stage:
+            loss_func = loss_func or self.post_training_loss
+        self._stats.clear()
+        losses = super()._train_epoch(train_data, epoch_idx, loss_func=loss_func, show_progress=show_progress)
+        for name, values in self._stats.items():
+            mean = sum(values) / len(values)
+            self.tensorboard.add_scalar(f"{self.stage}/{name}", mean, epoch_idx)
+            self.logger.info(set_color(f"epoch {epoch_idx} {self.stage}", "green") + f" {name}: {mean:.4f}")
+        return losses
+
+    def _log_stage(self, verbose, index, name, details):
+        if verbose:
+            self.logger.info(set_color(f"=== stage {index}/2: {name} ({details}) ===", "cyan"))

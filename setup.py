@@ -1,0 +1,30 @@
+"""recbole-reason: reasoning-enhanced sequential recommenders as a RecBole 1.2.1 plugin."""
+
+from setuptools import find_packages, setup
+
+# Each pin and its reason (../shared/specs/recbole_plugin.md section 5):
+INSTALL_REQUIRES = [
+    "recbole==1.2.1",     # the plugin overrides RecBole internals (Config, trainers): pinned exactly
+    "torch>=2.6",         # checkpoint loading under weights_only=True is handled in recbole_reason.compat
+    "numpy>=2",           # RecBole's numpy-1 aliases are restored in recbole_reason.compat
+    "pandas>=2.2,<3",     # pandas 3 breaks RecBole's token_seq features and fillna (compat refuses pandas 3)
+    "scipy>=1.10",        # paired t-tests in comparisons
+    "tensorboard>=2.5",   # RecBole's training curves (log_tensorboard/)
+    "hyperopt>=0.2.7",    # tuning; RecBole's grid search is fixed for hyperopt >= 0.2.7 in compat
+]
+
+setup(
+    name="recbole-reason",
+    version="0.1.0",
+    description="ReaRec, LARES, R2ec and REG4Rec as RecBole sequential models",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10,<3.12",  # ray 2.6.3, a hard dependency of recbole 1.2.1, has no 3.12 wheels
+    packages=find_packages(include=["recbole_reason", "recbole_reason.*"]) + ["recbole_reason.properties"],
+    package_dir={"recbole_reason.properties": "properties"},
+    package_data={"recbole_reason.properties": ["*.yaml", "*/*.yaml", "*/*.hyper"]},
+    py_modules=["run_recbole_reason"],
+    install_requires=INSTALL_REQUIRES,
+    extras_require={"test": ["pytest>=7"]},
+    entry_points={"console_scripts": ["recbole-reason=run_recbole_reason:main"]},
+)
