@@ -17,6 +17,8 @@ See ../shared/specs/recbole_plugin.md section 5 for the evidence behind each fix
    (it passes a `RandomState`). `exhaustive_search` below is the same grid search on a numpy Generator.
 """
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import torch
@@ -118,4 +120,7 @@ def apply():
     _patch_numpy_aliases()
     _check_pandas()
     _patch_hyperopt_grid_search()
+    # RecBole 1.2.1 calls APIs that pandas 2.x / torch deprecate (chained fillna, torch.cuda.amp.GradScaler).
+    # They work on the pinned versions and the user cannot act on them: keep them out of every run's output.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"recbole(\.|$)")
     _applied = True
