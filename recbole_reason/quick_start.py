@@ -54,6 +54,8 @@ def run_recbole_reason(model=None, dataset=None, config_file_list=None, config_d
         train_data, valid_data, saved=saved, show_progress=config["show_progress"]
     )
     test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
+    # Optional trainer hook for evaluations beyond RecBole's (e.g. LARES's metrics per test depth).
+    extra_results = trainer.post_evaluate(test_data) if hasattr(trainer, "post_evaluate") else {}
 
     logger.info("The running environment of this training is as follows:\n" + get_environment(config).draw())
     logger.info(set_color("best valid ", "yellow") + f": {dict(best_valid_result or {})}")
@@ -70,6 +72,7 @@ def run_recbole_reason(model=None, dataset=None, config_file_list=None, config_d
         "best_valid_result": best_valid_result,
         "test_result": test_result,
         "saved_model_file": trainer.saved_model_file if saved else None,
+        **extra_results,
     }
 
 
