@@ -7,6 +7,7 @@ Any further `--key=value` is a RecBole config override (read by Config from the 
 """
 
 import argparse
+import os
 import sys
 
 
@@ -29,5 +30,16 @@ def main(argv=None):
     return run_recbole_reason(model=args.model, dataset=args.dataset, config_file_list=config_file_list)
 
 
+def cli():
+    """Bad input (unknown model, missing dataset, invalid setting) ends with one clear line, not a traceback."""
+    try:
+        main()
+    except (ValueError, KeyError, FileNotFoundError) as error:
+        if os.environ.get("RECBOLE_REASON_TRACEBACK"):
+            raise
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        sys.exit(f"error: {message}\n(set RECBOLE_REASON_TRACEBACK=1 to see the full traceback)")
+
+
 if __name__ == "__main__":
-    main()
+    cli()

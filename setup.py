@@ -26,5 +26,5 @@ setup(
     py_modules=["run_recbole_reason"],
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": ["pytest>=7"]},
-    entry_points={"console_scripts": ["recbole-reason=run_recbole_reason:main"]},
+    entry_points={"console_scripts": ["recbole-reason=run_recbole_reason:cli"]},
 )

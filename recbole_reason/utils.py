@@ -51,10 +51,12 @@ def get_model(model_name):
         return getattr(module, model_name)
     try:
         return recbole_get_model(model_name)
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, ImportError) as error:
+        # RecBole's lookup ends in its exlib package, which fails to import without lightgbm/xgboost.
+        detail = f" (RecBole's lookup: {error})" if isinstance(error, ImportError) else ""
         raise ValueError(
             f"Unknown model '{model_name}'. recbole-reason models: {', '.join(plugin_model_names())}; "
-            "or any RecBole model (e.g. SASRec, GRU4Rec, BERT4Rec). Names are case-sensitive."
+            f"or any RecBole model (e.g. SASRec, GRU4Rec, BERT4Rec). Names are case-sensitive.{detail}"
         ) from None
 
 

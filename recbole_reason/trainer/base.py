@@ -31,8 +31,24 @@ class ReasonTrainer(TrustedCheckpointMixin, Trainer):
             self.model.set_epoch(epoch_idx)
         return super()._train_epoch(train_data, epoch_idx, loss_func=loss_func, show_progress=show_progress)
 
+    def _loss_names(self, losses):
+        """Names of the loss terms, from the model's optional `loss_names` (tuple, or callable returning one)."""
+        names = getattr(self.model, "loss_names", None)
+        names = names() if callable(names) else names
+        if isinstance(losses, tuple) and names and len(names) == len(losses):
+            return list(names)
+        return [f"loss{index + 1}" for index in range(len(losses))] if isinstance(losses, tuple) else ["loss"]
+
+    def _generate_train_loss_output(self, epoch_idx, s_time, e_time, losses):
+        places = self.config["loss_decimal_place"] or 4
+        values = losses if isinstance(losses, tuple) else (losses,)
+        terms = ", ".join(f"{name}: {value:.{places}f}" for name, value in zip(self._loss_names(losses), values))
+        return set_color(f"epoch {epoch_idx} training ({self.stage})", "green") + f" [time: {e_time - s_time:.2f}s, {terms}]"
+
     def _add_train_loss_to_tensorboard(self, epoch_idx, losses, tag="Loss/Train"):
-        super()._add_train_loss_to_tensorboard(epoch_idx, losses, tag=f"{self.stage}/{tag}")
+        values = losses if isinstance(losses, tuple) else (losses,)
+        for name, value in zip(self._loss_names(losses), values):
+            self.tensorboard.add_scalar(f"{self.stage}/{tag}/{name}", value, epoch_idx)
 
 
 class PostTrainingTrainer(ReasonTrainer):
