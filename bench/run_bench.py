@@ -1,0 +1,201 @@
+"""Benchmark plugin models against RecBole baselines: quality over seeds, speed as ratios to SASRec.
+
+    python bench/run_bench.py --models SASRec,ReaRec-ERL,ReaRec-PRL --datasets ml-100k --seeds 2020,2021,2022 \
+        --config_files bench/configs/gpu.yaml --tag rearec_ml-100k_gpu
+
+Every run appends one JSON line to bench/results/<tag>.jsonl (so a table can be filled in parts: one model or
+one dataset per call); the Markdown table bench/results/<tag>.md is rebuilt from all lines of the tag, with the
+command, device, commit and seeds. Quality: mean and std over seeds, one-sided paired t-test against SASRec
+(H1: model > SASRec). Speed: fit time, time per epoch and full-sort inference time per 1,000 users, each also
+as a ratio to SASRec's on the same dataset in the same file.
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+# name -> (RecBole/plugin model, config overrides). Baselines and plugin variants share every other setting.
+VARIANTS = {
+    "SASRec": ("SASRec", {}),
+    "GRU4Rec": ("GRU4Rec", {}),
+    "BERT4Rec": ("BERT4Rec", {}),
+    "ReaRec-ERL": ("ReaRec", {"rearec_mode": "erl"}),
+    "ReaRec-PRL": ("ReaRec", {"rearec_mode": "prl"}),
+    "ReaRec-K0": ("ReaRec", {"reason_step": 0, "rearec_mode": "erl"}),
+    "LARES-SPT": ("LARES", {"rl_epochs": 0}),
+    "LARES": ("LARES", {}),
+    "R2ec-warmup": ("R2ec", {"recpo_epochs": 0}),
+    "R2ec": ("R2ec", {}),
+    "REG4Rec-SFT": ("REG4Rec", {"pars_epochs": 0}),
+    "REG4Rec": ("REG4Rec", {}),
+}
+QUALITY = ["ndcg@10", "recall@10", "ndcg@20", "recall@20"]
+
+
+def git_commit():
+    try:
+        return subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "unknown"
+
+
+def device_name():
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+def full_sort_seconds(model, eval_data, device):
+    """Wall time of full-sort scoring (model forward + scores for all items) over every user of eval_data."""
+    model.eval()
+    users = 0
+    with torch.no_grad():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for interaction, _, _, _ in eval_data:
+            model.full_sort_predict(interaction.to(device))
+            users += len(interaction)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return time.perf_counter() - start, users
+
+
+def run_one(variant, dataset, seed, config_files, overrides):
+    from recbole.utils import init_logger, init_seed
+
+    from recbole_reason.config import Config
+    from recbole_reason.quick_start import _build
+
+    model_name, variant_config = VARIANTS[variant]
+    config_dict = {**overrides, **variant_config, "seed": seed}
+    config = Config(model=model_name, dataset=dataset, config_file_list=config_files, config_dict=config_dict)
+    init_seed(config["seed"], config["reproducibility"])
+    init_logger(config)
+    _, (train_data, valid_data, test_data), model, trainer = _build(config)
+    if config["device"].type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    best_valid_score, best_valid = trainer.fit(train_data, valid_data, saved=True, show_progress=config["show_progress"])
+    fit_seconds = time.perf_counter() - start
+    test = trainer.evaluate(test_data, load_best_model=True)
+    inference_seconds, users = full_sort_seconds(trainer.model, test_data, config["device"])
+    epochs = len(trainer.train_loss_dict)
+    extra = trainer.post_evaluate(test_data) if hasattr(trainer, "post_evaluate") else {}
+    return {
+        "variant": variant, "model": model_name, "dataset": dataset, "seed": seed,
+        "test": {k: float(v) for k, v in test.items()},
+        "best_valid": {k: float(v) for k, v in (best_valid or {}).items()},
+        "fit_seconds": fit_seconds, "epochs": epochs, "seconds_per_epoch": fit_seconds / max(epochs, 1),
+        "best_epoch": max(epochs - 1 - trainer.cur_step * trainer.eval_step, 0),
+        "inference_seconds_per_1000_users": 1000 * inference_seconds / max(users, 1),
+        "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if config["device"].type == "cuda" else None,
+        "extra": json.loads(json.dumps(extra, default=float)),
+        "config": {k: config[k] for k in ("MAX_ITEM_LIST_LENGTH", "hidden_size", "epochs", "train_batch_size", "learning_rate") if k in config},
+    }
+
+
+def summarize(records, header):
+    from scipy import stats
+
+    lines = [header, ""]
+    for dataset in sorted({r["dataset"] for r in records}):
+        rows = [r for r in records if r["dataset"] == dataset]
+        variants = list(dict.fromkeys(r["variant"] for r in rows))
+        base = {r["seed"]: r for r in rows if r["variant"] == "SASRec"}
+        base_speed = {key: np.mean([r[key] for r in base.values()]) for key in ("fit_seconds", "seconds_per_epoch", "inference_seconds_per_1000_users")} if base else None
+        lines += [f"### {dataset}", "",
+                  "| model | seeds | " + " | ".join(QUALITY) + " | p (NDCG@10 > SASRec) | fit s (x SASRec) | epochs (best) | s/epoch (x SASRec) | infer s/1k users (x SASRec) | peak GPU MiB |",
+                  "|---|---:|" + "---:|" * (len(QUALITY) + 6)]
+        best = {m: max(np.mean([r["test"][m] for r in rows if r["variant"] == v]) for v in variants) for m in QUALITY}
+        for variant in variants:
+            runs = sorted((r for r in rows if r["variant"] == variant), key=lambda r: r["seed"])
+            cells = []
+            for metric in QUALITY:
+                values = [r["test"][metric] for r in runs]
+                mean, std = np.mean(values), np.std(values, ddof=1) if len(values) > 1 else 0.0
+                cell = f"{mean:.4f} ± {std:.4f}"
+                cells.append(f"**{cell}**" if np.isclose(mean, best[metric]) else cell)
+            paired = [(r["test"]["ndcg@10"], base[r["seed"]]["test"]["ndcg@10"]) for r in runs if r["seed"] in base]
+            if variant == "SASRec" or len(paired) < 2:
+                p_value = "–"
+            else:
+                ours, theirs = zip(*paired)
+                p_value = f"{stats.ttest_rel(ours, theirs, alternative='greater').pvalue:.3f}"
+
+            def speed(key):
+                value = np.mean([r[key] for r in runs])
+                return f"{value:.2f} ({value / base_speed[key]:.2f}x)" if base_speed else f"{value:.2f}"
+
+            gpu = [r["peak_gpu_mib"] for r in runs if r["peak_gpu_mib"]]
+            lines.append(
+                f"| {variant} | {len(runs)} | " + " | ".join(cells) + f" | {p_value} | {speed('fit_seconds')} | "
+                f"{np.mean([r['epochs'] for r in runs]):.0f} ({np.mean([r['best_epoch'] for r in runs]):.0f}) | "
+                f"{speed('seconds_per_epoch')} | {speed('inference_seconds_per_1000_users')} | "
+                + (f"{np.mean(gpu):.0f} |" if gpu else "– |")
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="SASRec,ReaRec-ERL,ReaRec-PRL", help=f"comma-separated, from {list(VARIANTS)}")
+    parser.add_argument("--datasets", default="ml-100k")
+    parser.add_argument("--seeds", default="2020,2021,2022")
+    parser.add_argument("--config_files", default=os.path.join(REPO, "bench", "configs", "gpu.yaml"))
+    parser.add_argument("--data_path", default=os.path.join(REPO, "..", "shared", "data"))
+    parser.add_argument("--tag", required=True, help="results go to bench/results/<tag>.jsonl and <tag>.md")
+    parser.add_argument("--set", nargs="*", default=[], help="extra overrides key=value (python literals)")
+    args = parser.parse_args()
+
+    overrides = {"data_path": args.data_path, "state": "WARNING", "show_progress": False}
+    for item in args.set:
+        key, value = item.split("=", 1)
+        try:
+            overrides[key] = eval(value, {})
+        except Exception:
+            overrides[key] = value
+    config_files = args.config_files.split()
+    results_dir = os.path.join(REPO, "bench", "results")
+    os.makedirs(results_dir, exist_ok=True)
+    jsonl = os.path.join(results_dir, f"{args.tag}.jsonl")
+    command = "python " + " ".join(sys.argv)
+    for dataset in args.datasets.split(","):
+        for variant in args.models.split(","):
+            for seed in (int(s) for s in args.seeds.split(",")):
+                started = time.time()
+                try:
+                    record = run_one(variant, dataset, seed, config_files, overrides)
+                except Exception as error:  # a failed model is reported, the others still run
+                    record = {"variant": variant, "dataset": dataset, "seed": seed, "error": repr(error)}
+                record.update(command=command, device=device_name(), commit=git_commit(), wall_seconds=time.time() - started)
+                with open(jsonl, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                print(json.dumps({k: record.get(k) for k in ("variant", "dataset", "seed", "test", "fit_seconds", "error")}), flush=True)
+
+    records = [json.loads(line) for line in open(jsonl)]
+    failed = [r for r in records if "error" in r]
+    records = [r for r in records if "error" not in r]
+    header = (f"## {args.tag}\n\n- command: `{command}`\n- device: {records[0]['device'] if records else '?'}\n"
+              f"- commits: {', '.join(sorted({r['commit'] for r in records}))}\n"
+              f"- seeds: {', '.join(str(s) for s in sorted({r['seed'] for r in records}))}\n"
+              f"- config files: {', '.join(os.path.relpath(f, REPO) for f in config_files)}; overrides: {args.set}\n"
+              + "".join(f"- FAILED {r['variant']} on {r['dataset']} seed {r['seed']}: {r['error']}\n" for r in failed))
+    with open(os.path.join(results_dir, f"{args.tag}.md"), "w") as f:
+        f.write(summarize(records, header))
+    print(open(os.path.join(results_dir, f"{args.tag}.md")).read())
+
+
+if __name__ == "__main__":
+    main()
