@@ -1,0 +1,333 @@
+"""R2ec + RecPO: vocabulary, reasoning stop, reward, advantages and the reference-code bug, heads, end to end."""
+
+import logging
+import os
+import sys
+
+import pytest
+import torch
+from recbole.data import data_preparation
+from recbole.utils import init_seed
+
+from recbole_reason import Config, create_dataset, get_model, get_trainer
+from recbole_reason.compat import load_checkpoint
+from recbole_reason.model.sequential_recommender.r2ec import (
+    ANS,
+    ITEMP,
+    PAD,
+    THINK,
+    UNK,
+    fused_reward,
+    recpo_group_advantages,
+    recpo_item_loss,
+    recpo_token_loss,
+    relabel_mask,
+)
+
+from conftest import DATA_PATH, TINY_CONFIG
+
+# Small enough for a 2-core CPU: short histories, one layer, short reasoning, two rollouts.
+SMALL = {
+    "hidden_size": 16, "inner_size": 32, "n_layers": 1, "n_heads": 2, "MAX_ITEM_LIST_LENGTH": 5,
+    "r2ec_hist_tokens_per_item": 2, "r2ec_max_reason_len": 3, "r2ec_group_size": 2, "train_batch_size": 512,
+    "r2ec_lm_positions": 256,
+}
+AMAZON = {
+    "dataset": "tiny-amazon", "RATING_FIELD": None,
+    "load_col": {"inter": ["user_id", "item_id", "timestamp"], "item": ["item_id", "attributes"]},
+}
+
+
+def _config(**overrides):
+    argv, sys.argv = sys.argv, ["pytest"]
+    try:
+        config_dict = {"dataset": "tiny", "data_path": DATA_PATH, **SMALL, **overrides}
+        return Config(model="R2ec", config_file_list=[TINY_CONFIG], config_dict=config_dict)
+    finally:
+        sys.argv = argv
+
+
+def _prepare(config):
+    init_seed(config["seed"], config["reproducibility"])
+    dataset = create_dataset(config)
+    train_data, valid_data, test_data = data_preparation(config, dataset)
+    return dataset, train_data, valid_data, test_data
+
+
+@pytest.fixture(scope="module")
+def tiny_data():
+    config = _config()
+    return (config, *_prepare(config))
+
+
+def _model(tiny_data, **overrides):
+    config = _config(**overrides) if overrides else tiny_data[0]
+    init_seed(config["seed"], config["reproducibility"])
+    return get_model("R2ec")(config, tiny_data[2]._dataset)
+
+
+def _batch(tiny_data, n=32):
+    return next(iter(tiny_data[2]))[:n]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Vocabulary
+# ----------------------------------------------------------------------------------------------------------------
+def test_vocabulary_is_built_from_item_features(tiny_data):
+    dataset = tiny_data[1]
+    model = _model(tiny_data)
+    vocab = model.vocab
+    assert vocab.attributes.fields == ["movie_title", "release_year", "class"]
+    assert len(vocab.attr_global) > 0 and vocab.n_ratings == 5
+    assert vocab.size == vocab.attr_offset + len(vocab.attr_global) + vocab.n_ratings
+    # Item 1's prompt: [ITEMP] <its ID token> <its attributes> [ANS], and the genre tokens render as its genres.
+    item = 1
+    row = model.item_prompt[item]
+    assert row[0] == ITEMP and row[1] == vocab.item_offset + item and row[model.item_ans_pos[item]] == ANS
+    rendered = {model_render(model, dataset, int(t)) for t in row if vocab.kind(int(t)) == "attribute"}
+    genres = {f"class:{dataset.id2token('class', int(g))}" for g in dataset.get_item_feature()["class"][item] if g > 0}
+    assert genres & rendered, (genres, rendered)
+    # A stricter frequency threshold sends more attribute values to [UNK].
+    strict = _model(tiny_data, r2ec_vocab_min_freq=50)
+    assert len(strict.vocab.attr_global) < len(vocab.attr_global)
+    assert (strict.item_prompt == UNK).sum() > (model.item_prompt == UNK).sum()
+
+
+def model_render(model, dataset, token):
+    from recbole_reason.model.sequential_recommender.r2ec import render_token
+
+    return render_token(model.vocab, dataset, token)
+
+
+def test_vocabulary_with_amazon_attributes_and_without_features(tiny_data, caplog):
+    config = _config(**AMAZON)
+    dataset, train_data, _, _ = _prepare(config)
+    model = get_model("R2ec")(config, train_data._dataset)
+    assert model.vocab.attributes.fields == ["attributes"] and model.vocab.n_ratings == 0
+
+    caplog.set_level(logging.INFO)
+    bare = {**AMAZON, "load_col": {"inter": ["user_id", "item_id", "timestamp"]}}
+    config = _config(**bare)
+    dataset, train_data, _, _ = _prepare(config)
+    model = get_model("R2ec")(config, train_data._dataset)
+    assert model.vocab.attributes is None
+    assert "described by their ID token alone" in caplog.text
+    assert model.item_prompt.shape[1] == 3  # [ITEMP] <ID> [ANS]
+    batch = next(iter(train_data))[:8]
+    assert torch.isfinite(sum(model.calculate_loss(batch))).all()
+    with pytest.raises(ValueError, match="r2ec_item_id_token"):
+        get_model("R2ec")(_config(**bare, r2ec_item_id_token=False), train_data._dataset)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad settings
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "key, value",
+    [("r2ec_group_size", 1), ("r2ec_max_reason_len", 0), ("r2ec_relabel_topk", 3), ("r2ec_sim_temperature", 0),
+     ("r2ec_advantage_type", "rloo"), ("r2ec_reason_tokens", ["words"]), ("r2ec_warmup_candidates", "all"),
+     ("r2ec_backbone", "hf")],
+)
+def test_bad_settings_raise_clear_errors(tiny_data, key, value):
+    with pytest.raises(ValueError, match=key if key != "r2ec_backbone" else "r2ec_hf_path"):
+        _model(tiny_data, **{key: value})
+
+
+def test_transformers_is_imported_only_when_configured(tiny_data):
+    _model(tiny_data)
+    assert "transformers" not in sys.modules
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="transformers"):
+            _model(tiny_data, r2ec_backbone="hf", r2ec_hf_path="/nonexistent")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reasoning (lm head)
+# ----------------------------------------------------------------------------------------------------------------
+def test_reasoning_stops_at_answer_or_at_the_length_limit(tiny_data):
+    model = _model(tiny_data).eval()
+    prompt = model.user_prompt(_batch(tiny_data, 8))
+    assert (prompt[:, -1] == THINK).all()
+
+    # [ANS] is the only allowed token: the reasoning is [ANS] itself, sampled, at step 1.
+    model.reason_allowed.zero_()
+    model.reason_allowed[ANS] = True
+    reasoning, sampled, _ = model.generate_reasoning(prompt, temperature=1.0, top_k=5)
+    assert reasoning.shape == (8, 1) and (reasoning == ANS).all() and sampled.all()
+
+    # [ANS] forbidden: the budget is spent, then [ANS] is forced (and is not a policy action).
+    model.reason_allowed.fill_(True)
+    model.reason_allowed[: ANS + 2] = False
+    reasoning, sampled, _ = model.generate_reasoning(prompt, temperature=1.0, top_k=5)
+    assert reasoning.shape == (8, model.max_reason_len + 1)
+    assert (reasoning[:, -1] == ANS).all() and (reasoning[:, :-1] != ANS).all()
+    assert sampled[:, :-1].all() and not sampled[:, -1].any()
+
+
+def test_kv_cache_generation_matches_one_full_forward(tiny_data):
+    model = _model(tiny_data).eval()
+    prompt = model.user_prompt(_batch(tiny_data, 16))
+    torch.manual_seed(0)
+    reasoning, _, h_cached = model.generate_reasoning(prompt, temperature=1.0, top_k=0)
+    with torch.no_grad():
+        h_full, token_logp, _ = model.forward_with_reasoning(prompt, reasoning)
+    assert (reasoning == ANS).sum(dim=1).eq(1).all()
+    assert torch.allclose(h_cached, h_full, atol=1e-5)
+    assert (token_logp[reasoning == PAD] == 0).all() and (token_logp[reasoning != PAD] < 0).all()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reward, advantages, losses (hand-made tensors)
+# ----------------------------------------------------------------------------------------------------------------
+def test_fused_reward_on_a_hand_made_ranking():
+    scores = torch.tensor([[-float("inf"), 5.0, 4.0, 3.0, 2.0], [-float("inf"), 5.0, 4.0, 3.0, 2.0]])
+    w = 0.05
+    reward = fused_reward(scores, torch.tensor([1, 3]), ndcg_k=4, softmax_weight=w)
+    prob = torch.softmax(scores, dim=1)
+    assert torch.allclose(reward[0], (1 - w) * 1.0 + w * prob[0, 1])  # rank 1: NDCG term 1
+    assert torch.allclose(reward[1], (1 - w) * 0.5 + w * prob[1, 3])  # rank 3: 1 / log2(4)
+    # Rank beyond k: only the softmax term, which lies in (0, 1).
+    beyond = fused_reward(scores[1:], torch.tensor([4]), ndcg_k=3, softmax_weight=w)
+    assert torch.allclose(beyond, w * prob[1:, 4]) and 0 < beyond.item() < w
+    # A masked (history) item above the target no longer counts: rank 3 becomes rank 2.
+    masked = scores[1:].clone()
+    masked[0, 1] = -float("inf")
+    assert torch.allclose(fused_reward(masked, torch.tensor([3]), 4, 0.0), torch.tensor([1 / torch.log2(torch.tensor(3.0))]))
+
+
+def test_history_mask_hides_history_but_not_the_target(tiny_data):
+    model = _model(tiny_data)
+    batch = _batch(tiny_data, 4)
+    mask = model._history_mask(batch, 8)
+    assert mask.shape == (8, model.n_items) and mask[:, 0].all()
+    for row in range(4):
+        history = batch["item_id_list"][row, : batch["item_length"][row]]
+        assert mask[2 * row, history[history != batch["item_id"][row]]].all()
+        assert not mask[2 * row + 1, batch["item_id"][row]]
+
+
+def test_advantages_sum_to_zero_per_group_and_reasoning_gradient_is_nonzero():
+    rewards = torch.tensor([[0.9, 0.1, 0.4, 0.2], [0.3, 0.3, 0.3, 0.3]])
+    adv = recpo_group_advantages(rewards, "gaussian")
+    assert torch.allclose(adv.sum(dim=1), torch.zeros(2), atol=1e-6)
+    assert torch.allclose(adv[0].std(), torch.tensor(1.0), atol=1e-4) and (adv[1] == 0).all()
+    loo = recpo_group_advantages(rewards, "leave-one-out")
+    assert torch.allclose(loo[0], rewards[0] * 1.25 - rewards[0].mean())
+
+    # Per-trajectory token loss: each A_i reaches only its own tokens: d loss / d logp_it = -A_i / n_tokens.
+    logp = torch.randn(2, 4, 3).requires_grad_()
+    mask = torch.ones(2, 4, 3)
+    recpo_token_loss(logp, mask, adv, 0.2, 0.28).backward()
+    assert torch.allclose(logp.grad, -adv[..., None].expand(2, 4, 3) / mask.sum())
+    assert logp.grad[0].abs().max() > 1e-2
+    # The official code's broadcast (code_compat): one group per mini-batch => numerically zero gradient.
+    logp.grad = None
+    recpo_token_loss(logp, mask, adv, 0.2, 0.28, code_compat=True).backward()
+    assert logp.grad.abs().max() < 1e-7
+
+
+def test_item_loss_weights_only_relabelled_trajectories():
+    adv = recpo_group_advantages(torch.tensor([[0.9, 0.1, 0.4, 0.2]]), "gaussian")
+    relabel = relabel_mask(adv, 1)
+    assert relabel.tolist() == [[1.0, 0.0, 0.0, 0.0]]
+    logits = torch.randn(1, 4, 6, requires_grad=True)
+    labels = torch.full((1, 4), 2)
+    recpo_item_loss(logits, labels, adv, relabel, 0.2, 0.28).backward()
+    grad = logits.grad[0]
+    assert grad[0].abs().sum() > 0 and grad[1:].abs().sum() == 0
+    assert grad[0, 2] < 0  # positive advantage: the target's logit goes up (InfoNCE direction)
+    logits.grad = None
+    recpo_item_loss(logits, labels, adv, relabel, 0.2, 0.28, code_compat=True).backward()
+    assert (logits.grad[0].abs().sum(dim=1) > 0).all()  # the bug: every trajectory, same weight
+
+
+def test_recpo_reasoning_gradient_reaches_the_model_and_code_compat_kills_it(tiny_data):
+    batch = _batch(tiny_data, 16)
+    norms = {}
+    for compat in (False, True):
+        model = _model(tiny_data, r2ec_code_compat=compat, r2ec_item_loss_weight=0.0, r2ec_gen_temperature=1.0)
+        model.set_dropout(0.0)
+        model.refresh_item_table()
+        torch.manual_seed(1)
+        (token_loss, item_loss), stats = model.recpo_loss(batch)
+        assert item_loss.item() == 0.0 and 0 <= stats["reward"] <= 1
+        token_loss.backward()
+        norms[compat] = model.backbone.tok_emb.weight.grad.norm().item()
+    assert norms[False] > 1e-4
+    assert norms[True] < 1e-4 * norms[False]  # float rounding only: ~0 as in spec 2.1
+
+
+def test_warmup_losses_catalogue_softmax_and_in_batch(tiny_data):
+    batch = _batch(tiny_data, 16)
+    model = _model(tiny_data, r2ec_lm_loss_weight=0.0).eval()  # eval: no dropout, so the two encodings agree
+    loss = model.calculate_loss(batch)
+    with torch.no_grad():
+        h_u, _, _ = model.forward_with_reasoning(model.user_prompt(batch), torch.full((16, 1), ANS))
+        items = model.encode_items(torch.arange(model.n_items))
+    full = torch.nn.functional.cross_entropy(model.rec_head(h_u, items[1:]), batch["item_id"] - 1)
+    assert torch.allclose(loss, full, atol=1e-5)  # catalogue: the softmax runs over every item
+    assert model._table_dirty  # a training step invalidates the evaluation table
+
+    in_batch = _model(tiny_data, r2ec_warmup_candidates="in_batch", r2ec_num_negatives=7)
+    rec_loss, lm_loss = in_batch.calculate_loss(batch)
+    assert rec_loss.item() > 0 and lm_loss.item() > 0
+    (rec_loss + lm_loss).backward()
+    assert in_batch.backbone.tok_emb.weight.grad[in_batch.vocab.item_offset + batch["item_id"]].abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Item head
+# ----------------------------------------------------------------------------------------------------------------
+def test_item_head_cache_permutation_and_full_sort_predict(tiny_data):
+    model = _model(tiny_data).eval()
+    batch = _batch(tiny_data, 8)
+    scores = model.full_sort_predict(batch)
+    assert scores.shape == (8, model.n_items) and not model._table_dirty
+    assert torch.equal(scores, model.full_sort_predict(batch))  # greedy reasoning: deterministic
+    with torch.no_grad():
+        fresh = model.encode_items(torch.arange(model.n_items))
+    assert torch.allclose(model.item_table, fresh, atol=1e-6)
+    perm = torch.randperm(model.n_items)
+    h = torch.randn(3, model.hidden_size)
+    assert torch.allclose(model.rec_head(h, fresh[perm]), model.rec_head(h, fresh)[:, perm], atol=1e-5)
+    assert torch.allclose(model.predict(batch), scores.gather(1, batch["item_id"][:, None]).squeeze(1))
+    model.train()
+    assert model._table_dirty  # a training step invalidates the table; the next evaluation re-encodes it
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# End to end: warm-up -> RecPO -> checkpoint reload -> explain
+# ----------------------------------------------------------------------------------------------------------------
+def test_warmup_then_recpo_end_to_end_with_checkpoint_reload(tiny_data, tmp_path):
+    # The 31 users with at most 25 interactions: ~600 training prefixes keep both stages within a few seconds.
+    config = _config(
+        epochs=1, recpo_epochs=1, checkpoint_dir=str(tmp_path / "saved"), train_batch_size=128,
+        r2ec_item_refresh_steps=2, user_inter_num_interval="[20,25]",
+    )
+    dataset, train_data, valid_data, test_data = _prepare(config)
+    init_seed(config["seed"], config["reproducibility"])
+    model = get_model("R2ec")(config, train_data._dataset)
+    trainer = get_trainer(config["MODEL_TYPE"], "R2ec")(config, model)
+    assert type(trainer).__name__ == "R2ecTrainer"
+    trainer.fit(train_data, valid_data, saved=True)
+    assert set(trainer.stage_results) == {"warmup", "recpo"} and trainer.recpo_steps == len(train_data)
+    assert model.backbone.drop.p == 0.0  # RecPO ran without dropout
+    result = trainer.evaluate(test_data, load_best_model=True)
+    assert 0 <= result["ndcg@10"] <= 1
+
+    checkpoint = load_checkpoint(trainer.saved_model_file)
+    assert os.path.isfile(trainer.saved_model_file)
+    reloaded = get_model("R2ec")(config, train_data._dataset)
+    reloaded.load_state_dict(checkpoint["state_dict"])
+    reloaded.eval()
+    model.eval()
+    batch = next(iter(test_data))[0]
+    assert torch.allclose(model.full_sort_predict(batch), reloaded.full_sort_predict(batch), atol=1e-5)
+
+    explained = reloaded.explain(dataset, [dataset.id2token("user_id", 1), 2], topk=3)  # external and internal ids
+    assert len(explained) == 2 and len(explained[0]["top_items"]) == 3
+    assert explained[0]["reasoning"][-1] == "[ANS]" and len(explained[0]["reasoning"]) <= config["r2ec_max_reason_len"] + 1
+    assert all(isinstance(word, str) and word for word in explained[0]["reasoning"] + explained[0]["history"])
+    assert not explained[0]["history"][0].startswith("item ")  # titles from movie_title, not raw ids
