@@ -37,34 +37,15 @@ def _build(config):
     return dataset, (train_data, valid_data, test_data), model, trainer
 
 
-def run_recbole_reason(model=None, dataset=None, config_file_list=None, config_dict=None, saved=True):
-    """Train and test one model (plugin or RecBole) on one dataset. Returns RecBole's result dict plus `model`."""
-    config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
-    init_seed(config["seed"], config["reproducibility"])
-    init_logger(config)
-    logger = getLogger()
-    logger.info(sys.argv)
-    logger.info(config)
-
-    dataset, (train_data, valid_data, test_data), model, trainer = _build(config)
-    logger.info(dataset)
-    logger.info(model)
-
+def _train_and_test(config, trainer, data, saved, verbose, show_progress):
+    """fit, then test; the result dict HyperTuning and the run script share."""
+    train_data, valid_data, test_data = data
     best_valid_score, best_valid_result = trainer.fit(
-        train_data, valid_data, saved=saved, show_progress=config["show_progress"]
+        train_data, valid_data, verbose=verbose, saved=saved, show_progress=show_progress
     )
-    test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=config["show_progress"])
+    test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=show_progress)
     # Optional trainer hook for evaluations beyond RecBole's (e.g. LARES's metrics per test depth).
     extra_results = trainer.post_evaluate(test_data) if hasattr(trainer, "post_evaluate") else {}
-
-    logger.info("The running environment of this training is as follows:\n" + get_environment(config).draw())
-    logger.info(set_color("best valid ", "yellow") + f": {dict(best_valid_result or {})}")
-    logger.info(set_color("test result", "yellow") + f": {dict(test_result or {})}")
-    logger.info(
-        set_color(f"{config['model']} on {config['dataset']}", "yellow")
-        + "\n"
-        + metrics_table({"best valid": best_valid_result, "test": test_result})
-    )
     return {
         "model": config["model"],
         "best_valid_score": best_valid_score,
@@ -76,6 +57,31 @@ def run_recbole_reason(model=None, dataset=None, config_file_list=None, config_d
     }
 
 
+def run_recbole_reason(model=None, dataset=None, config_file_list=None, config_dict=None, saved=True):
+    """Train and test one model (plugin or RecBole) on one dataset. Returns RecBole's result dict plus `model`."""
+    config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
+    init_seed(config["seed"], config["reproducibility"])
+    init_logger(config)
+    logger = getLogger()
+    logger.info(sys.argv)
+    logger.info(config)
+
+    dataset, data, model, trainer = _build(config)
+    logger.info(dataset)
+    logger.info(model)
+    result = _train_and_test(config, trainer, data, saved, verbose=True, show_progress=config["show_progress"])
+
+    logger.info("The running environment of this training is as follows:\n" + get_environment(config).draw())
+    logger.info(set_color("best valid ", "yellow") + f": {dict(result['best_valid_result'] or {})}")
+    logger.info(set_color("test result", "yellow") + f": {dict(result['test_result'] or {})}")
+    logger.info(
+        set_color(f"{config['model']} on {config['dataset']}", "yellow")
+        + "\n"
+        + metrics_table({"best valid": result["best_valid_result"], "test": result["test_result"]})
+    )
+    return result
+
+
 def objective_function(config_dict=None, config_file_list=None, saved=True):
     """The objective for RecBole's `HyperTuning`: quiet training, returns the dict HyperTuning expects."""
     config = Config(config_dict=config_dict, config_file_list=config_file_list)
@@ -85,13 +91,5 @@ def objective_function(config_dict=None, config_file_list=None, saved=True):
         logger.removeHandler(handler)
     init_logger(config)
     logging.basicConfig(level=logging.ERROR)
-    _, (train_data, valid_data, test_data), _, trainer = _build(config)
-    best_valid_score, best_valid_result = trainer.fit(train_data, valid_data, verbose=False, saved=saved)
-    test_result = trainer.evaluate(test_data, load_best_model=saved)
-    return {
-        "model": config["model"],
-        "best_valid_score": best_valid_score,
-        "valid_score_bigger": config["valid_metric_bigger"],
-        "best_valid_result": best_valid_result,
-        "test_result": test_result,
-    }
+    _, data, _, trainer = _build(config)
+    return _train_and_test(config, trainer, data, saved, verbose=False, show_progress=False)
