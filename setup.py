@@ -23,8 +23,8 @@ setup(
     packages=find_packages(include=["recbole_reason", "recbole_reason.*"]) + ["recbole_reason.properties"],
     package_dir={"recbole_reason.properties": "properties"},
     package_data={"recbole_reason.properties": ["*.yaml", "*/*.yaml", "*/*.hyper"]},
-    py_modules=["run_recbole_reason"],
+    py_modules=["run_recbole_reason", "run_hyper"],
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": ["pytest>=7"]},
-    entry_points={"console_scripts": ["recbole-reason=run_recbole_reason:cli"]},
+    entry_points={"console_scripts": ["recbole-reason=run_recbole_reason:cli", "recbole-reason-hyper=run_hyper:main"]},
 )
