@@ -79,7 +79,24 @@ def run_recbole_reason(model=None, dataset=None, config_file_list=None, config_d
         + "\n"
         + metrics_table({"best valid": result["best_valid_result"], "test": result["test_result"]})
     )
+    if config["explain_users"]:
+        result["explanations"] = explain(trainer.model, data[2]._dataset, config["explain_users"])
     return result
+
+
+def explain(model, dataset, users):
+    """Log what a model with an `explain` method (R2ec) reasons for some users (external user ids)."""
+    if not hasattr(model, "explain"):
+        raise ValueError(f"--explain_users: {type(model).__name__} generates no readable reasoning (R2ec does).")
+    users = [str(user) for user in (users if isinstance(users, (list, tuple)) else [users])]
+    explanations = model.explain(dataset, users)
+    for item in explanations:
+        getLogger().info(
+            set_color(f"user {item['user']}", "yellow")
+            + f"\n  history (last 5): {item['history'][-5:]}\n  reasoning: {' '.join(item['reasoning'])}"
+            + f"\n  top items: {item['top_items']}\n  target: {item['target']}"
+        )
+    return explanations
 
 
 def objective_function(config_dict=None, config_file_list=None, saved=True):

@@ -331,3 +331,22 @@ def test_warmup_then_recpo_end_to_end_with_checkpoint_reload(tiny_data, tmp_path
     assert explained[0]["reasoning"][-1] == "[ANS]" and len(explained[0]["reasoning"]) <= config["r2ec_max_reason_len"] + 1
     assert all(isinstance(word, str) and word for word in explained[0]["reasoning"] + explained[0]["history"])
     assert not explained[0]["history"][0].startswith("item ")  # titles from movie_title, not raw ids
+
+
+def test_run_script_shows_the_reasoning_of_chosen_users(tmp_path):
+    """`--explain_users=[...]` on the run script (here its Python twin) logs and returns R2ec's reasoning."""
+    from recbole_reason import run_recbole_reason
+
+    config_dict = {"data_path": DATA_PATH, **SMALL, "epochs": 1, "recpo_epochs": 0, "train_batch_size": 128,
+                   "user_inter_num_interval": "[20,25]", "checkpoint_dir": str(tmp_path), "explain_users": [105, "107"]}
+    result = run_recbole_reason("R2ec", "tiny", [TINY_CONFIG], config_dict, saved=False)
+    assert [e["user"] for e in result["explanations"]] == ["105", "107"]
+    assert all(e["reasoning"][-1] == "[ANS]" for e in result["explanations"])
+
+
+def test_explain_users_on_a_model_without_reasoning_is_a_clear_error(tmp_path):
+    from recbole_reason import run_recbole_reason
+
+    with pytest.raises(ValueError, match="generates no readable reasoning"):
+        run_recbole_reason("GRU4Rec", "tiny", [TINY_CONFIG], {"data_path": DATA_PATH, "checkpoint_dir": str(tmp_path),
+                                                             "explain_users": ["105"]}, saved=False)
