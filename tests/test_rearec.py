@@ -183,3 +183,19 @@ def test_predict_matches_full_sort(tiny_data):
             pointwise = model.predict(batch)
         assert scores.shape == (len(batch), model.n_items)
         assert torch.allclose(scores.gather(1, batch["item_id"].unsqueeze(1)).squeeze(1), pointwise, atol=1e-4)
+
+
+def test_non_finite_loss_term_stops_training_with_its_name(tiny):
+    """A NaN in one loss term stops training at once, naming the term, the stage, epoch and batch."""
+    from recbole.data import data_preparation as prepare
+
+    from recbole_reason import get_trainer
+
+    config = Config(model="ReaRec", dataset="tiny", config_file_list=[TINY_CONFIG], config_dict=tiny(rearec_mode="erl"))
+    train_data, valid_data, _ = prepare(config, create_dataset(config))
+    model = ReaRec(config, train_data._dataset)
+    real_loss = model.calculate_loss
+    model.calculate_loss = lambda interaction: (real_loss(interaction)[0], torch.tensor(float("nan")))
+    trainer = get_trainer(model.type, "ReaRec")(config, model)
+    with pytest.raises(FloatingPointError, match=r"supervised stage: loss term 'kl_diversity' is nan at epoch 0, batch 0"):
+        trainer.fit(train_data, valid_data, saved=True)

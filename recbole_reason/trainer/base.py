@@ -15,7 +15,10 @@ and REG4Rec (supervised -> PARS):
 """
 
 import copy
+import math
 from collections import defaultdict
+
+import torch
 
 from recbole.trainer import Trainer
 from recbole.utils import set_color
@@ -29,7 +32,32 @@ class ReasonTrainer(TrustedCheckpointMixin, Trainer):
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
         if hasattr(self.model, "set_epoch"):
             self.model.set_epoch(epoch_idx)
+        loss_func = self._stop_on_non_finite(loss_func or self.model.calculate_loss, epoch_idx)
         return super()._train_epoch(train_data, epoch_idx, loss_func=loss_func, show_progress=show_progress)
+
+    def _stop_on_non_finite(self, loss_func, epoch_idx):
+        """NaN or inf in any loss term stops training before the step, naming the term, stage, epoch and batch.
+        Checkpoints are only written on a valid-score improvement, so the last good one stays on disk."""
+        batch_index = 0
+
+        def checked(interaction):
+            nonlocal batch_index
+            losses = loss_func(interaction)
+            terms = losses if isinstance(losses, tuple) else (losses,)
+            for name, value in zip(self._loss_names(losses), terms):
+                if not torch.isfinite(value).all():
+                    self._non_finite(f"loss term '{name}'", value.detach().float().sum().item(), epoch_idx, batch_index)
+            batch_index += 1
+            return losses
+
+        return checked
+
+    def _non_finite(self, what, value, epoch_idx, batch_index):
+        raise FloatingPointError(
+            f"{self.stage} stage: {what} is {value} at epoch {epoch_idx}, batch {batch_index}; training stopped. "
+            f"The last good checkpoint is {self.saved_model_file} (written only on valid improvement). "
+            "Lower the learning rate or set clip_grad_norm (e.g. --clip_grad_norm=\"{'max_norm': 1.0}\")."
+        )
 
     def _loss_names(self, losses):
         """Names of the loss terms, from the model's optional `loss_names` (tuple, or callable returning one)."""
@@ -77,7 +105,10 @@ class PostTrainingTrainer(ReasonTrainer):
     def record(self, **stats):
         """Per-batch scalars (rewards, advantages, KL...) averaged per epoch into TensorBoard and the log."""
         for name, value in stats.items():
-            self._stats[name].append(float(value))
+            value = float(value)
+            if not math.isfinite(value):
+                self._non_finite(f"'{name}'", value, len(self.train_loss_dict), len(self._stats[name]))
+            self._stats[name].append(value)
 
     # -- the two stages -------------------------------------------------------------------------------------
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
