@@ -12,6 +12,7 @@ import os
 import pkgutil
 
 from recbole.model.abstract_recommender import AbstractRecommender
+from recbole.utils import ModelType
 from recbole.utils import get_model as recbole_get_model
 from recbole.utils import get_trainer as recbole_get_trainer
 
@@ -87,6 +88,28 @@ def check_dataset_files(config):
             f"Dataset '{dataset}' not found: {inter_file} does not exist. Put the RecBole atomic files in "
             f"<data_path>/{dataset}/ and pass --data_path=<data_path> (e.g. --data_path=../shared/data). "
             "recbole-reason never downloads datasets."
+        )
+    _check_inter_columns(config, inter_file)
+
+
+def _check_inter_columns(config, inter_file):
+    """An empty .inter file, or one without a column the config loads, fails here with the file's name rather
+    than as a KeyError deep inside RecBole's data processing."""
+    with open(inter_file, encoding="utf-8") as f:
+        header = f.readline().rstrip("\n")
+        has_rows = bool(f.readline().strip())
+    if not header or not has_rows:
+        raise ValueError(f"{inter_file} is empty: a RecBole .inter file needs a typed header and at least one row.")
+    columns = [column.split(":")[0] for column in header.split(config["field_separator"])]
+    load_col = config["load_col"] or {}
+    required = set(load_col.get("inter", [])) | {config["USER_ID_FIELD"], config["ITEM_ID_FIELD"]}
+    if config["MODEL_TYPE"] == ModelType.SEQUENTIAL and config["eval_args"]["order"] == "TO":
+        required.add(config["TIME_FIELD"])
+    missing = sorted(column for column in required if column and column not in columns)
+    if missing:
+        raise ValueError(
+            f"{inter_file} has no column {', '.join(missing)} (its columns: {', '.join(columns)}). Fix the file, or "
+            "the config: load_col.inter, USER_ID_FIELD / ITEM_ID_FIELD / TIME_FIELD (sequential models order by time)."
         )
 
 

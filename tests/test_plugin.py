@@ -121,3 +121,28 @@ def test_cli_reports_unknown_model_clearly(tmp_path):
 def test_device_follows_hardware(tiny):
     config = Config(model="SASRec", dataset="tiny", config_file_list=[TINY_CONFIG], config_dict=tiny(gpu_id="0"))
     assert config["device"].type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _copy_tiny(tmp_path, name, transform):
+    folder = tmp_path / "data" / name
+    folder.mkdir(parents=True)
+    lines = open(os.path.join(DATA_PATH, "tiny", "tiny.inter")).read().splitlines()
+    (folder / f"{name}.inter").write_text("\n".join(transform(lines)) + "\n")
+    return str(tmp_path / "data")
+
+
+def test_inter_file_without_a_required_column_names_file_and_column(tiny, tmp_path):
+    def drop_timestamp(lines):
+        return ["\t".join(line.split("\t")[:3]) for line in lines]
+
+    data_path = _copy_tiny(tmp_path, "notime", drop_timestamp)
+    with pytest.raises(ValueError, match=r"notime\.inter has no column timestamp"):
+        run_recbole_reason("SASRec", "notime", [TINY_CONFIG], tiny(data_path=data_path, load_col={"inter": ["user_id", "item_id"]}),
+                           saved=False)
+    assert not os.path.exists(tmp_path / "saved")  # nothing written
+
+
+def test_empty_inter_file_is_named(tiny, tmp_path):
+    data_path = _copy_tiny(tmp_path, "empty", lambda lines: lines[:1])
+    with pytest.raises(ValueError, match=r"empty\.inter is empty"):
+        run_recbole_reason("SASRec", "empty", [TINY_CONFIG], tiny(data_path=data_path), saved=False)
