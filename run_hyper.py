@@ -8,7 +8,8 @@ Writes RecBole's result file (--output_file) and the best configuration as YAML 
 """
 
 import argparse
-import sys
+
+from run_recbole_reason import keep_config_overrides
 
 
 def main(argv=None):
@@ -23,8 +24,7 @@ def main(argv=None):
     parser.add_argument("--output_file", default=None)
     parser.add_argument("--best_config_file", default=None)
     args, _ = parser.parse_known_args(argv)
-    argv = argv if argv is not None else sys.argv[1:]
-    sys.argv = [sys.argv[0]] + [a for a in argv if a.startswith("--") and "=" in a and a.split("=")[0][2:] not in vars(args)]
+    keep_config_overrides(argv, args)
     from recbole_reason.hyper import tune
 
     stem = f"hyper_{args.model}_{args.dataset}"

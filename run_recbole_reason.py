@@ -20,10 +20,17 @@ def parse_args(argv=None):
     return args
 
 
+def keep_config_overrides(argv, script_args):
+    """RecBole's Config reads `--key=value` from sys.argv: leave it only those, not the script's own options."""
+    argv = argv if argv is not None else sys.argv[1:]
+    sys.argv = [sys.argv[0]] + [
+        a for a in argv if a.startswith("--") and "=" in a and a.split("=")[0][2:] not in vars(script_args)
+    ]
+
+
 def main(argv=None):
     args = parse_args(argv)
-    # Config reads the remaining --key=value overrides from sys.argv; argparse's short forms are not for it.
-    sys.argv = [sys.argv[0]] + [a for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--") and "=" in a]
+    keep_config_overrides(argv, args)
     from recbole_reason import run_recbole_reason
 
     config_file_list = args.config_files.strip().split(" ") if args.config_files else None

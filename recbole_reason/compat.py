@@ -49,12 +49,20 @@ def load_checkpoint(path, map_location=None):
 class TrustedCheckpointMixin:
     """Makes `Trainer.evaluate(load_best_model=True)` and `resume_checkpoint` work under torch >= 2.6."""
 
+    def load_model_weights(self, checkpoint_file):
+        """Put a checkpoint file's weights (and other parameters) into `self.model`; returns the checkpoint."""
+        checkpoint = load_checkpoint(checkpoint_file, map_location=self.device)
+        self._set_model_weights(checkpoint)
+        return checkpoint
+
+    def _set_model_weights(self, checkpoint):
+        self.model.load_state_dict(checkpoint["state_dict"])
+        self.model.load_other_parameter(checkpoint.get("other_parameter"))
+
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
         if load_best_model:
             checkpoint_file = model_file or self.saved_model_file
-            checkpoint = load_checkpoint(checkpoint_file, map_location=self.device)
-            self.model.load_state_dict(checkpoint["state_dict"])
-            self.model.load_other_parameter(checkpoint.get("other_parameter"))
+            self.load_model_weights(checkpoint_file)
             self.logger.info(f"Loading model structure and parameters from {checkpoint_file}")
         return super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
 
@@ -71,8 +79,7 @@ class TrustedCheckpointMixin:
         self.start_epoch = checkpoint["epoch"] + 1
         self.cur_step = checkpoint["cur_step"]
         self.best_valid_score = checkpoint["best_valid_score"]
-        self.model.load_state_dict(checkpoint["state_dict"])
-        self.model.load_other_parameter(checkpoint.get("other_parameter"))
+        self._set_model_weights(checkpoint)
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.logger.info(f"Checkpoint loaded. Resume training from epoch {self.start_epoch}")
         return checkpoint

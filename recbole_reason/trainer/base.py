@@ -23,7 +23,7 @@ import torch
 from recbole.trainer import Trainer
 from recbole.utils import set_color
 
-from recbole_reason.compat import TrustedCheckpointMixin, load_checkpoint
+from recbole_reason.compat import TrustedCheckpointMixin
 
 
 class ReasonTrainer(TrustedCheckpointMixin, Trainer):
@@ -119,9 +119,7 @@ class PostTrainingTrainer(ReasonTrainer):
             return result
 
         if saved and valid_data:
-            checkpoint = load_checkpoint(self.saved_model_file, map_location=self.device)
-            self.model.load_state_dict(checkpoint["state_dict"])
-            self.model.load_other_parameter(checkpoint.get("other_parameter"))
+            self.load_model_weights(self.saved_model_file)
         self.stage = self.post_stage
         self._log_stage(verbose, 2, self.post_stage, f"{self.post_epochs_key}={self.post_epochs}, lr={self.post_learning_rate}")
         self.reference_model = copy.deepcopy(self.model).eval()

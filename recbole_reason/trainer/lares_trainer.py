@@ -16,7 +16,6 @@ import torch
 from recbole.utils import dict2str, set_color
 from torch import nn
 
-from recbole_reason.compat import load_checkpoint
 from recbole_reason.quick_start import metrics_table
 from recbole_reason.trainer.base import PostTrainingTrainer
 
@@ -122,9 +121,7 @@ class LARESTrainer(PostTrainingTrainer):
         if not self.depth_scaling_recurrences or not test_data:
             return {}
         if self.saved_model_file and os.path.isfile(self.saved_model_file):
-            checkpoint = load_checkpoint(self.saved_model_file, map_location=self.device)
-            self.model.load_state_dict(checkpoint["state_dict"])
-            self.model.load_other_parameter(checkpoint.get("other_parameter"))
+            self.load_model_weights(self.saved_model_file)
         trained_depth = self.model.test_recurrence
         results = {}
         try:
