@@ -38,8 +38,17 @@ VARIANTS = {
     "R2ec": ("R2ec", {}),
     "REG4Rec-SFT": ("REG4Rec", {"pars_epochs": 0}),
     "REG4Rec": ("REG4Rec", {}),
+    "REG4Rec-PARS": ("REG4Rec", {"msra_window": 1}),
 }
+SEEDS = []
 QUALITY = ["ndcg@10", "recall@10", "ndcg@20", "recall@20"]
+
+# A multi-stage run also reports its first stage's best model (evaluated on test at the stage switch, before the
+# post-training starts) as the first-stage-only variant: e.g. one LARES run gives the LARES-SPT and LARES rows.
+# The first stage is identical in both variants for a seed, so this halves the cost of the table.
+STAGE_ROWS = {"LARES": "LARES-SPT", "R2ec": "R2ec-warmup", "REG4Rec": "REG4Rec-SFT"}
+# Inference-time ablations of the final model: (row name, attribute, value) evaluated after the test.
+EVAL_ROWS = {"REG4Rec": [("REG4Rec-noCORP", "corp", "off")], "REG4Rec-PARS": [("REG4Rec-PARS-noCORP", "corp", "off")]}
 
 
 def git_commit():
@@ -72,6 +81,7 @@ def full_sort_seconds(model, eval_data, device):
 
 
 def run_one(variant, dataset, seed, config_files, overrides):
+    """Train and test one variant; returns its record plus the records of its STAGE_ROWS / EVAL_ROWS variants."""
     from recbole.utils import init_logger, init_seed
 
     from recbole_reason.config import Config
@@ -85,24 +95,59 @@ def run_one(variant, dataset, seed, config_files, overrides):
     _, (train_data, valid_data, test_data), model, trainer = _build(config)
     if config["device"].type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    base = {"model": model_name, "dataset": dataset, "seed": seed,
+            "config": {k: config[k] for k in ("MAX_ITEM_LIST_LENGTH", "hidden_size", "epochs", "train_batch_size", "learning_rate") if k in config}}
+    stage_records = []
     start = time.perf_counter()
+    if variant in STAGE_ROWS and getattr(trainer, "post_epochs", 0) > 0:
+        start_post_training = trainer.start_post_training
+
+        def evaluate_first_stage(data):
+            stage_seconds = time.perf_counter() - start
+            result = trainer.evaluate(test_data, load_best_model=False)
+            seconds, users = full_sort_seconds(trainer.model, test_data, config["device"])
+            epochs = len(trainer.train_loss_dict)
+            stage_records.append({**base, "variant": STAGE_ROWS[variant], "from_run_of": variant,
+                                  "test": {k: float(v) for k, v in result.items()},
+                                  "fit_seconds": stage_seconds, "epochs": epochs, "seconds_per_epoch": stage_seconds / max(epochs, 1),
+                                  "best_epoch": max(epochs - 1 - trainer.cur_step * trainer.eval_step, 0),
+                                  "inference_seconds_per_1000_users": 1000 * seconds / max(users, 1),
+                                  "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if config["device"].type == "cuda" else None,
+                                  "extra": {}})
+            return start_post_training(data)
+
+        trainer.start_post_training = evaluate_first_stage
     best_valid_score, best_valid = trainer.fit(train_data, valid_data, saved=True, show_progress=config["show_progress"])
     fit_seconds = time.perf_counter() - start
     test = trainer.evaluate(test_data, load_best_model=True)
     inference_seconds, users = full_sort_seconds(trainer.model, test_data, config["device"])
     epochs = len(trainer.train_loss_dict)
     extra = trainer.post_evaluate(test_data) if hasattr(trainer, "post_evaluate") else {}
-    return {
-        "variant": variant, "model": model_name, "dataset": dataset, "seed": seed,
-        "test": {k: float(v) for k, v in test.items()},
-        "best_valid": {k: float(v) for k, v in (best_valid or {}).items()},
-        "fit_seconds": fit_seconds, "epochs": epochs, "seconds_per_epoch": fit_seconds / max(epochs, 1),
-        "best_epoch": max(epochs - 1 - trainer.cur_step * trainer.eval_step, 0),
-        "inference_seconds_per_1000_users": 1000 * inference_seconds / max(users, 1),
-        "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if config["device"].type == "cuda" else None,
-        "extra": json.loads(json.dumps(extra, default=float)),
-        "config": {k: config[k] for k in ("MAX_ITEM_LIST_LENGTH", "hidden_size", "epochs", "train_batch_size", "learning_rate") if k in config},
-    }
+    if getattr(trainer, "item_tokens", None) is not None:  # REG4Rec's tokenizer report
+        extra["tokenizer"] = {k: trainer.item_tokens.stats[k] for k in ("collision_rate_before", "collision_rate_after", "code_usage")}
+    if model_name == "R2ec" and seed == min(SEEDS):
+        users = [str(u) for u in test_data._dataset.field2id_token[config["USER_ID_FIELD"]][1:4]]
+        extra["reasoning_examples"] = trainer.model.explain(test_data._dataset, users)
+    record = {**base, "variant": variant,
+              "test": {k: float(v) for k, v in test.items()},
+              "best_valid": {k: float(v) for k, v in (best_valid or {}).items()},
+              "fit_seconds": fit_seconds, "epochs": epochs, "seconds_per_epoch": fit_seconds / max(epochs, 1),
+              "best_epoch": max(epochs - 1 - trainer.cur_step * trainer.eval_step, 0),
+              "inference_seconds_per_1000_users": 1000 * inference_seconds / max(users, 1),
+              "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if config["device"].type == "cuda" else None,
+              "extra": json.loads(json.dumps(extra, default=float))}
+    for row, attribute, value in EVAL_ROWS.get(variant, []):
+        kept = getattr(trainer.model, attribute)
+        setattr(trainer.model, attribute, value)
+        try:
+            result = trainer.evaluate(test_data, load_best_model=False)
+            seconds, users = full_sort_seconds(trainer.model, test_data, config["device"])
+        finally:
+            setattr(trainer.model, attribute, kept)
+        stage_records.append({**record, "variant": row, "from_run_of": variant, "extra": {},
+                              "test": {k: float(v) for k, v in result.items()},
+                              "inference_seconds_per_1000_users": 1000 * seconds / max(users, 1)})
+    return [record] + stage_records
 
 
 def summarize(records, header):
@@ -145,7 +190,42 @@ def summarize(records, header):
                 + (f"{np.mean(gpu):.0f} |" if gpu else "– |")
             )
         lines.append("")
+        lines += extras_sections(rows)
     return "\n".join(lines)
+
+
+def extras_sections(rows):
+    """Per-dataset extras: LARES's depth-scaling table, REG4Rec's tokenizer report, R2ec's example reasoning."""
+    lines = []
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        runs = [r for r in rows if r["variant"] == variant and r.get("extra")]
+        depth_runs = [r["extra"]["depth_results"] for r in runs if r["extra"].get("depth_results")]
+        if depth_runs:
+            lines += [f"**{variant}: test metrics at each test depth T (the trained model, no retraining; mean ± std over "
+                      f"{len(depth_runs)} seeds)**", "", "| T | ndcg@10 | recall@10 | ndcg@20 | recall@20 |", "|---:|---:|---:|---:|---:|"]
+            for depth in depth_runs[0]:
+                cells = []
+                for metric in QUALITY:
+                    values = [d[depth][metric] for d in depth_runs if depth in d]
+                    cells.append(f"{np.mean(values):.4f} ± {np.std(values, ddof=1) if len(values) > 1 else 0.0:.4f}")
+                lines.append(f"| {depth} | " + " | ".join(cells) + " |")
+            lines.append("")
+        tokenizer = [r["extra"]["tokenizer"] for r in runs if r["extra"].get("tokenizer")]
+        if tokenizer:
+            usage = np.mean([t["code_usage"] for t in tokenizer], axis=0)
+            lines += [f"**{variant}: MPQ tokenizer** (mean over {len(tokenizer)} seeds): collision rate before resolution "
+                      f"{np.mean([t['collision_rate_before'] for t in tokenizer]):.4f}, after "
+                      f"{np.mean([t['collision_rate_after'] for t in tokenizer]):.4f}; code usage per codebook (share of "
+                      f"codes used) {', '.join(f'{u:.3f}' for u in usage)}", ""]
+        examples = [r["extra"]["reasoning_examples"] for r in runs if r["extra"].get("reasoning_examples")]
+        for example_set in examples[:1]:
+            lines += [f"**{variant}: example reasoning chains** (seed {runs[0]['seed']}, greedy decoding, test users)", ""]
+            for item in example_set:
+                lines += [f"- user {item['user']}: history (last 5) {item['history'][-5:]}",
+                          f"  - reasoning: {' '.join(item['reasoning'])}",
+                          f"  - top items: {item['top_items']}; target: {item['target']}"]
+            lines.append("")
+    return lines
 
 
 def main():
@@ -158,6 +238,7 @@ def main():
     parser.add_argument("--tag", required=True, help="results go to bench/results/<tag>.jsonl and <tag>.md")
     parser.add_argument("--set", nargs="*", default=[], help="extra overrides key=value (python literals)")
     args = parser.parse_args()
+    SEEDS[:] = [int(s) for s in args.seeds.split(",")]
 
     overrides = {"data_path": args.data_path, "state": "WARNING", "show_progress": False}
     for item in args.set:
@@ -176,13 +257,14 @@ def main():
             for seed in (int(s) for s in args.seeds.split(",")):
                 started = time.time()
                 try:
-                    record = run_one(variant, dataset, seed, config_files, overrides)
+                    records = run_one(variant, dataset, seed, config_files, overrides)
                 except Exception as error:  # a failed model is reported, the others still run
-                    record = {"variant": variant, "dataset": dataset, "seed": seed, "error": repr(error)}
-                record.update(command=command, device=device_name(), commit=git_commit(), wall_seconds=time.time() - started)
-                with open(jsonl, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                print(json.dumps({k: record.get(k) for k in ("variant", "dataset", "seed", "test", "fit_seconds", "error")}), flush=True)
+                    records = [{"variant": variant, "dataset": dataset, "seed": seed, "error": repr(error)}]
+                for record in records:
+                    record.update(command=command, device=device_name(), commit=git_commit(), wall_seconds=time.time() - started)
+                    with open(jsonl, "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                    print(json.dumps({k: record.get(k) for k in ("variant", "dataset", "seed", "test", "fit_seconds", "error")}), flush=True)
 
     records = [json.loads(line) for line in open(jsonl)]
     failed = [r for r in records if "error" in r]
