@@ -126,8 +126,8 @@ def run_one(variant, dataset, seed, config_files, overrides):
     if getattr(trainer, "item_tokens", None) is not None:  # REG4Rec's tokenizer report
         extra["tokenizer"] = {k: trainer.item_tokens.stats[k] for k in ("collision_rate_before", "collision_rate_after", "code_usage")}
     if model_name == "R2ec" and seed == min(SEEDS):
-        users = [str(u) for u in test_data._dataset.field2id_token[config["USER_ID_FIELD"]][1:4]]
-        extra["reasoning_examples"] = trainer.model.explain(test_data._dataset, users)
+        example_users = [str(u) for u in test_data._dataset.field2id_token[config["USER_ID_FIELD"]][1:4]]
+        extra["reasoning_examples"] = trainer.model.explain(test_data._dataset, example_users)
     record = {**base, "variant": variant,
               "test": {k: float(v) for k, v in test.items()},
               "best_valid": {k: float(v) for k, v in (best_valid or {}).items()},
