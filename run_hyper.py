@@ -2,12 +2,15 @@
 
     python run_hyper.py --model=ReaRec --dataset=ml-100k --algo=random --max_evals=20
     python run_hyper.py -m SASRec -d ml-100k --params_file=my_space.hyper --algo=exhaustive
+    python run_recbole_reason.py --hyper -m ReaRec -d ml-100k --algo=bayes --max_evals=30   # the same, from the run script
 
 Writes RecBole's result file (--output_file) and the best configuration as YAML (--best_config_file), which
 `run_recbole_reason.py --config_files=<it>` accepts. Further `--key=value` arguments fix config values.
 """
 
 import argparse
+import os
+import sys
 
 from run_recbole_reason import keep_config_overrides
 
@@ -37,5 +40,15 @@ def main(argv=None):
     return tuner
 
 
+def cli():
+    """Console script: a bad option or search space ends with one clear line, not a traceback."""
+    try:
+        main()
+    except (ValueError, KeyError, FileNotFoundError) as error:
+        if os.environ.get("RECBOLE_REASON_TRACEBACK"):
+            raise
+        sys.exit(f"error: {error}\n(set RECBOLE_REASON_TRACEBACK=1 to see the full traceback)")
+
+
 if __name__ == "__main__":
-    main()
+    cli()

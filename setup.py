@@ -23,8 +23,9 @@ setup(
     packages=find_packages(include=["recbole_reason", "recbole_reason.*"]) + ["recbole_reason.properties"],
     package_dir={"recbole_reason.properties": "properties"},
     package_data={"recbole_reason.properties": ["*.yaml", "*/*.yaml", "*/*.hyper"]},
-    py_modules=["run_recbole_reason", "run_hyper"],
+    py_modules=["run_recbole_reason", "run_hyper", "run_compare", "run_depth_study"],
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": ["pytest>=7"]},
-    entry_points={"console_scripts": ["recbole-reason=run_recbole_reason:cli", "recbole-reason-hyper=run_hyper:main"]},
+    entry_points={"console_scripts": ["recbole-reason=run_recbole_reason:cli", "recbole-reason-hyper=run_hyper:cli",
+                                     "recbole-reason-compare=run_compare:cli", "recbole-reason-depth-study=run_depth_study:cli"]},
 )

@@ -151,7 +151,8 @@ def run_one(variant, dataset, seed, config_files, overrides):
 
 
 def summarize(records, header):
-    from scipy import stats
+    # mean ± std and the one-sided paired t-test are recbole_reason.compare's, as in run_compare.py's tables
+    from recbole_reason.compare import mean_std, one_sided_paired_ttest
 
     lines = [header, ""]
     for dataset in sorted({r["dataset"] for r in records}):
@@ -167,8 +168,7 @@ def summarize(records, header):
             runs = sorted((r for r in rows if r["variant"] == variant), key=lambda r: r["seed"])
             cells = []
             for metric in QUALITY:
-                values = [r["test"][metric] for r in runs]
-                mean, std = np.mean(values), np.std(values, ddof=1) if len(values) > 1 else 0.0
+                mean, std = mean_std([r["test"][metric] for r in runs])
                 cell = f"{mean:.4f} ± {std:.4f}"
                 cells.append(f"**{cell}**" if np.isclose(mean, best[metric]) else cell)
             paired = [(r["test"]["ndcg@10"], base[r["seed"]]["test"]["ndcg@10"]) for r in runs if r["seed"] in base]
@@ -176,7 +176,7 @@ def summarize(records, header):
                 p_value = "–"
             else:
                 ours, theirs = zip(*paired)
-                p_value = f"{stats.ttest_rel(ours, theirs, alternative='greater').pvalue:.3f}"
+                p_value = f"{one_sided_paired_ttest(ours, theirs):.3f}"  # H1: NDCG@10 > SASRec's
 
             def speed(key):
                 value = np.mean([r[key] for r in runs])

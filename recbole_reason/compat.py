@@ -7,14 +7,19 @@ See ../shared/specs/recbole_plugin.md section 5 for the evidence behind each fix
    reads: every `Config()` raised AttributeError. We define the three names; RecBole's own shim then sets
    the older aliases (`np.float`, `np.long`, ...) that the rest of RecBole uses.
 2. torch >= 2.6 loads checkpoints with `weights_only=True`, which cannot read RecBole's pickled Config.
-   `TrustedCheckpointMixin` loads our own (local, trusted) checkpoints with `weights_only=False`; `get_trainer`
-   puts it under every trainer it returns, RecBole's baselines included. No process-wide environment flag.
+   `load_checkpoint` reads our own (local, trusted) checkpoints with `weights_only=False`; every checkpoint read
+   of the plugin goes through it, and `get_trainer` puts `checkpoint.CheckpointMixin` (which uses it) under every
+   trainer it returns, RecBole's baselines included. No process-wide environment flag.
 3. pandas 3 breaks `token_seq` features (`Series.agg(len)`) and makes `fillna(inplace=True)` a silent no-op.
    We pin `pandas<3` in setup.py and refuse to run on pandas 3 with a message that says so.
 4. `recbole.quick_start` imports ray at module level, which breaks on numpy 2 / setuptools >= 81. The plugin
    never imports it (it has its own quick_start); `tests/test_compat.py` proves it.
 5. hyperopt >= 0.2.7 calls `rng.integers`, which RecBole's exhaustive (grid) search does not provide
    (it passes a `RandomState`). `exhaustive_search` below is the same grid search on a numpy Generator.
+
+Besides the five: importing RecBole's sequential models runs `torch.autograd.set_detect_anomaly(True)` (in
+`sine.py`), which roughly halves the training speed of every model in the process from the first RecBole model
+lookup on, plugin models included. We import them once here and switch anomaly detection back off.
 """
 
 import warnings
@@ -44,45 +49,6 @@ def load_checkpoint(path, map_location=None):
     """torch.load for RecBole checkpoints: they pickle the whole Config, so weights_only must be False.
     Only ever called on files this process (or the user) wrote."""
     return torch.load(path, map_location=map_location, weights_only=False)
-
-
-class TrustedCheckpointMixin:
-    """Makes `Trainer.evaluate(load_best_model=True)` and `resume_checkpoint` work under torch >= 2.6."""
-
-    def load_model_weights(self, checkpoint_file):
-        """Put a checkpoint file's weights (and other parameters) into `self.model`; returns the checkpoint."""
-        checkpoint = load_checkpoint(checkpoint_file, map_location=self.device)
-        self._set_model_weights(checkpoint)
-        return checkpoint
-
-    def _set_model_weights(self, checkpoint):
-        self.model.load_state_dict(checkpoint["state_dict"])
-        self.model.load_other_parameter(checkpoint.get("other_parameter"))
-
-    def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
-        if load_best_model:
-            checkpoint_file = model_file or self.saved_model_file
-            self.load_model_weights(checkpoint_file)
-            self.logger.info(f"Loading model structure and parameters from {checkpoint_file}")
-        return super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
-
-    def resume_checkpoint(self, resume_file):
-        resume_file = str(resume_file)
-        checkpoint = load_checkpoint(resume_file, map_location=self.device)
-        saved_model = checkpoint["config"]["model"]
-        if saved_model.lower() != self.config["model"].lower():
-            raise ValueError(
-                f"Checkpoint {resume_file} holds a {saved_model} model, not {self.config['model']}: "
-                f"resume with --model={saved_model} or pick another checkpoint."
-            )
-        self.saved_model_file = resume_file
-        self.start_epoch = checkpoint["epoch"] + 1
-        self.cur_step = checkpoint["cur_step"]
-        self.best_valid_score = checkpoint["best_valid_score"]
-        self._set_model_weights(checkpoint)
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
-        self.logger.info(f"Checkpoint loaded. Resume training from epoch {self.start_epoch}")
-        return checkpoint
 
 
 def _trial_hash(vals):
@@ -120,6 +86,12 @@ def _patch_hyperopt_grid_search():
     hyper_tuning.exhaustive_search = exhaustive_search
 
 
+def _undo_anomaly_detection():
+    import recbole.model.sequential_recommender  # noqa: F401  (its sine.py switches anomaly detection on)
+
+    torch.autograd.set_detect_anomaly(False)
+
+
 def apply():
     global _applied
     if _applied:
@@ -127,6 +99,7 @@ def apply():
     _patch_numpy_aliases()
     _check_pandas()
     _patch_hyperopt_grid_search()
+    _undo_anomaly_detection()
     # RecBole 1.2.1 calls APIs that pandas 2.x / torch deprecate (chained fillna, torch.cuda.amp.GradScaler).
     # They work on the pinned versions and the user cannot act on them: keep them out of every run's output.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"recbole(\.|$)")

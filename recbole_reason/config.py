@@ -11,6 +11,7 @@ from importlib import resources
 from recbole.config import Config as RecBoleConfig
 from recbole.utils import ModelType
 
+from recbole_reason.distributed import init_distributed_device
 from recbole_reason.utils import get_model
 
 
@@ -38,6 +39,13 @@ class Config(RecBoleConfig):
             if dataset is None:
                 raise KeyError("No dataset given: pass --dataset=<name> (e.g. --dataset=ml-100k) or set `dataset` in a config file.")
         return model, model_class, dataset
+
+    def _init_device(self):
+        # One process: RecBole's own. One of a multi-process run (the launcher sets `local_rank`): RecBole's
+        # hard-codes NCCL and CUDA; ours joins the group on the backend the device calls for (Gloo on the CPU).
+        if "local_rank" not in self.final_config_dict:
+            return super()._init_device()
+        init_distributed_device(self.final_config_dict)
 
     def _load_internal_config_dict(self, model, model_class, dataset):
         super()._load_internal_config_dict(model, model_class, dataset)

@@ -17,6 +17,7 @@ from recbole_reason.config import properties_dir
 from recbole_reason.quick_start import objective_function
 
 ALGORITHMS = ("exhaustive", "random", "bayes")
+PARAM_TYPES = ("choice", "uniform", "quniform", "loguniform")
 
 
 def default_params_file(model):
@@ -26,8 +27,37 @@ def default_params_file(model):
     return path
 
 
+def check_params_file(path):
+    """A params file must exist and define at least one parameter in RecBole's format, `name type values`."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"params_file {path} does not exist (format: one 'name type values' per line).")
+    with open(path) as f:
+        lines = [line.split() for line in f if len(line.split()) >= 3]  # RecBole skips shorter lines
+    bad = [" ".join(parts) for parts in lines if parts[1] not in PARAM_TYPES]
+    if not lines or bad:
+        raise ValueError(
+            f"params_file {path} must hold lines 'name type values' with type one of {PARAM_TYPES}, e.g. "
+            f"'learning_rate choice [0.01,0.001]'; " + (f"bad lines: {bad}" if bad else "it defines no parameter")
+        )
+
+
 def _plain(value):
     return value.item() if isinstance(value, np.generic) else value
+
+
+def best_trial(trials):
+    """(params, score) of the best trial; the first of equals. RecBole's own bookkeeping replaces its best whenever
+    the best score so far is 0 (`if not self.best_score`), which on small data or at a smaller-is-better metric's
+    optimum exports the wrong configuration."""
+    if not trials:
+        raise ValueError("No trial ran: check the search space (params_file) and max_evals >= 1.")
+    bigger = trials[0][1]["valid_score_bigger"]
+    best_params, best = trials[0][0], trials[0][1]["best_valid_score"]
+    for params, result in trials[1:]:
+        score = result["best_valid_score"]
+        if (score > best) if bigger else (score < best):
+            best_params, best = params, score
+    return best_params, best
 
 
 def tune(model, dataset, params_file=None, config_file_list=None, config_dict=None, algo="exhaustive",
@@ -36,15 +66,24 @@ def tune(model, dataset, params_file=None, config_file_list=None, config_dict=No
     (`best_params`, `params2result`...). Every trial trains and tests one model with `objective_function`."""
     if algo not in ALGORITHMS:
         raise ValueError(f"algo must be one of {ALGORITHMS}, got {algo!r}")
+    for key, value in (("max_evals", max_evals), ("early_stop", early_stop)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
     params_file = params_file or default_params_file(model)
+    check_params_file(params_file)
     fixed = {"model": model, "dataset": dataset, **(config_dict or {})}
 
+    trials = []
+
     def objective(params, files):
-        return objective_function({**fixed, **params}, files)
+        result = objective_function({**fixed, **params}, files)
+        trials.append((dict(params), result))
+        return result
 
     tuner = HyperTuning(objective, params_file=params_file, fixed_config_file_list=config_file_list,
                         algo=algo, max_evals=max_evals, early_stop=early_stop)
     tuner.run()
+    tuner.best_params, tuner.best_score = best_trial(trials)
     if output_file:
         tuner.export_result(output_file=output_file)
     if best_config_file:

@@ -12,6 +12,7 @@ from recbole.data import data_preparation
 from recbole.utils import get_environment, init_logger, init_seed, set_color
 
 from recbole_reason.config import Config
+from recbole_reason.distributed import init_rank_logger, rank_zero_first, run_distributed
 from recbole_reason.utils import create_dataset, get_model, get_trainer
 
 
@@ -29,10 +30,12 @@ def metrics_table(rows):
 
 def _build(config):
     """Dataset, loaders, model and trainer for a ready Config."""
-    dataset = create_dataset(config)
-    train_data, valid_data, test_data = data_preparation(config, dataset)
-    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
-    model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    # Under DDP rank 0 goes first: it writes the caches (saved dataset, LARES's positives index) the others read.
+    with rank_zero_first(config):
+        dataset = create_dataset(config)
+        train_data, valid_data, test_data = data_preparation(config, dataset)
+        init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+        model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     return dataset, (train_data, valid_data, test_data), model, trainer
 
@@ -46,6 +49,8 @@ def _train_and_test(config, trainer, data, saved, verbose, show_progress):
     test_result = trainer.evaluate(test_data, load_best_model=saved, show_progress=show_progress)
     # Optional trainer hook for evaluations beyond RecBole's (e.g. LARES's metrics per test depth).
     extra_results = trainer.post_evaluate(test_data) if hasattr(trainer, "post_evaluate") else {}
+    if getattr(trainer, "replica_digests", None):  # DDP: a state_dict hash per rank, all equal
+        extra_results["replica_digests"] = trainer.replica_digests
     return {
         "model": config["model"],
         "best_valid_score": best_valid_score,
@@ -57,16 +62,27 @@ def _train_and_test(config, trainer, data, saved, verbose, show_progress):
     }
 
 
-def run_recbole_reason(model=None, dataset=None, config_file_list=None, config_dict=None, saved=True):
-    """Train and test one model (plugin or RecBole) on one dataset. Returns RecBole's result dict plus `model`."""
+def run_recbole_reason(model=None, dataset=None, config_file_list=None, config_dict=None, saved=True, nproc=1,
+                       resume=None):
+    """Train and test one model (plugin or RecBole) on one dataset. Returns RecBole's result dict plus `model`.
+    `nproc` > 1: that many DDP processes (`distributed.run_distributed`: NCCL on GPUs, Gloo on the CPU).
+    `resume`: the checkpoint of an interrupted run with the same settings (<checkpoint_dir>/<Model>-<time>.pth, or
+    the -resume.pth next to it); training continues after its last finished epoch, in its stage, and ends with the
+    numbers the uninterrupted run would have given (`checkpoint.CheckpointMixin.resume`)."""
+    if resume:
+        config_dict = {**(config_dict or {}), "resume": str(resume)}  # a config key, so DDP workers get it too
+    if nproc != 1:
+        return run_distributed(model, dataset, config_file_list, config_dict, nproc=nproc, saved=saved)
     config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
     init_seed(config["seed"], config["reproducibility"])
-    init_logger(config)
+    init_rank_logger(config)
     logger = getLogger()
     logger.info(sys.argv)
     logger.info(config)
 
     dataset, data, model, trainer = _build(config)
+    if config["resume"]:
+        trainer.resume(config["resume"])
     logger.info(dataset)
     logger.info(model)
     result = _train_and_test(config, trainer, data, saved, verbose=True, show_progress=config["show_progress"])

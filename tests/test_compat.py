@@ -110,3 +110,22 @@ def test_hyperopt_grid_search_runs_every_point(tmp_path):
 
 def test_numpy_is_2():
     assert int(np.__version__.split(".")[0]) >= 2  # the suite runs on the stack the fixes are for
+
+
+def test_recbole_models_do_not_leave_anomaly_detection_on():
+    # Not one of the five breakages, but a RecBole side effect with a cost: sine.py turns anomaly detection on at
+    # import, which slows every later training step in the process (baselines and plugin models alike).
+    unfixed = run_python("""
+        import torch
+        import recbole.model.sequential_recommender
+        print(torch.is_anomaly_enabled())
+    """)
+    assert unfixed.stdout.strip() == "True", unfixed.stderr
+    fixed = run_python("""
+        import torch
+        import recbole_reason
+        from recbole_reason.utils import get_model
+        get_model('SASRec'), get_model('GRU4Rec')
+        print(torch.is_anomaly_enabled())
+    """)
+    assert fixed.stdout.strip() == "False", fixed.stderr

@@ -513,6 +513,6 @@ def test_every_yaml_key_is_documented_and_read():
                 assert "#" in line, f"undocumented key in LARES.yaml: {line.strip()}"
     sources = open(lares_module.__file__).read() + open(lares_trainer_module.__file__).read()
     # read by RecBole or the shared PostTrainingTrainer, not by LARES's own files
-    recbole_keys = {"loss_type", "train_batch_size", "rl_epochs", "rl_learning_rate"}
+    recbole_keys = {"loss_type", "train_batch_size", "rl_epochs", "rl_learning_rate", "rpt_clip_grad_norm"}
     for key in keys:
         assert f'config["{key}"]' in sources or key in recbole_keys, f"{key} is never read"

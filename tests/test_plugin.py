@@ -10,7 +10,8 @@ import torch
 
 from conftest import DATA_PATH, TINY_CONFIG
 from recbole_reason import Config, get_model, get_trainer, objective_function, plugin_model_names, run_recbole_reason
-from recbole_reason.compat import TrustedCheckpointMixin, load_checkpoint
+from recbole_reason.checkpoint import CheckpointMixin
+from recbole_reason.compat import load_checkpoint
 from recbole_reason.config import properties_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,7 +24,7 @@ def test_registry_prefers_plugin_and_falls_back_to_recbole():
     assert get_model("ReaRec").__module__ == "recbole_reason.model.sequential_recommender.rearec"
     assert get_model("SASRec") is SASRec
     trainer = get_trainer(get_model("SASRec").type, "SASRec")
-    assert issubclass(trainer, TrustedCheckpointMixin)
+    assert issubclass(trainer, CheckpointMixin)
     assert get_trainer(get_model("ReaRec").type, "ReaRec").__name__ == "ReaRecTrainer"
 
 

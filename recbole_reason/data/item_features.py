@@ -5,8 +5,13 @@ descriptions (R2ec's vocabulary, REG4Rec's tokenizer input and categories) need 
 field f's token t (t >= 1) gets the global id `offset[f] + t`, with 0 kept as padding.
 
 ml-100k: movie_title (title words), release_year, class (genres). Amazon Beauty/Toys: attributes.
+
+Values that are not in a field's vocabulary never reach a model: RecBole reads an empty token / token_seq value of
+an `.item` row as [PAD] (id 0: the item simply has no value there), `utils.check_dataset_files` refuses rows for
+items the `.inter` file never names, and an id outside the shared vocabulary is an error in `describe`.
 """
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +30,11 @@ class ItemAttributes:
 
     def describe(self, dataset, global_id):
         """'field:token' for one global attribute id, e.g. 'class:Comedy'."""
+        if not 0 <= int(global_id) < self.vocab_size:
+            raise ValueError(
+                f"Attribute id {int(global_id)} is outside the item attribute vocabulary [0, {self.vocab_size}) of "
+                f"fields {self.fields}: it was built for another dataset or load_col.item."
+            )
         for field in reversed(self.fields):
             if global_id > self.offsets[field]:
                 return f"{field}:{dataset.id2token(field, global_id - self.offsets[field])}"
@@ -42,6 +52,18 @@ def item_feature_fields(dataset):
     ]
 
 
+def missing_item_features(dataset):
+    """Why a dataset has no token / token_seq item field, in words naming the file (None when it has one)."""
+    if item_feature_fields(dataset):
+        return None
+    path = os.path.join(dataset.dataset_path, f"{dataset.dataset_name}.item")
+    if not os.path.isfile(path):
+        return f"{path} does not exist"
+    load_col = dataset.config["load_col"]
+    wanted = "all columns" if load_col is None else f"load_col.item = {list((load_col or {}).get('item') or [])}"
+    return f"{path} has no token / token_seq column loaded ({wanted})"
+
+
 def item_attributes(dataset, fields=None):
     """All item attribute tokens in one id space, or None when the dataset has no item features."""
     fields = list(fields) if fields is not None else item_feature_fields(dataset)
@@ -54,6 +76,12 @@ def item_attributes(dataset, fields=None):
             raise ValueError(
                 f"Item field '{field}' is not loaded for dataset '{dataset.dataset_name}'. "
                 f"Add it to load_col.item in the config (loaded item fields: {item_feature_fields(dataset)})."
+            )
+        if field not in item_feature_fields(dataset):
+            raise ValueError(
+                f"Item field '{field}' of dataset '{dataset.dataset_name}' is {dataset.field2type[field].value}: only "
+                f"token / token_seq fields are attribute tokens (its values would be truncated to ids). Fix: name "
+                f"token fields only (loaded: {item_feature_fields(dataset)})."
             )
         values = item_feat[field].long()
         values = values.unsqueeze(1) if values.dim() == 1 else values

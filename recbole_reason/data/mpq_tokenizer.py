@@ -9,9 +9,16 @@ Pipeline (`build_item_tokens`):
      loss = reconstruction + VQ/commitment + orthogonality + balance (`MPQ.losses`), k-means init, dead-code re-seeding;
   3. `resolve_collisions`: every token tuple maps to exactly one item (nearest unused tuple, no ordered collision token);
   4. categories (real ones from `item_features.item_categories`, else k-means on v_i) and the token -> category table;
-  5. on-disk cache keyed by dataset + tokenizer settings; a cache whose stored dataset fingerprint differs is stale.
+  5. on-disk cache keyed by dataset + tokenizer settings. The cache file also stores its format version, the dataset
+     fingerprint and the settings: a file that does not match all three (copied from another dataset or setting under
+     the same name, or unreadable) is stale and rebuilt, never used. The finished cache is written atomically.
 Everything random is drawn inside `torch.random.fork_rng` seeded from config['seed']: the tokens are the same whether
 they come from the cache or are rebuilt, and the global RNG that RecBole seeded is left untouched.
+
+Resume (`TokenizerProgress`): after every epoch of the pretrained ID model and of MPQ, the weights, the optimizer,
+the epoch and the RNG state are saved in `<cache file>.partial` next to the cache. A build interrupted mid-way
+continues from there and yields exactly the table of an uninterrupted build with the same seed; the partial file is
+deleted once the cache is written.
 """
 
 import hashlib
@@ -19,6 +26,7 @@ import heapq
 import json
 import os
 from dataclasses import dataclass, field
+from logging import getLogger
 
 import numpy as np
 import torch
@@ -26,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from recbole_reason.compat import load_checkpoint
-from recbole_reason.data.item_features import item_attributes, item_categories
+from recbole_reason.data.item_features import item_attributes, item_categories, missing_item_features
 
 CACHE_VERSION = 1
 FEATURE_SOURCES = ("auto", "features", "cf", "features+cf")
@@ -199,8 +207,10 @@ class _CFSequenceModel(nn.Module):
         return h @ self.item_embedding.weight.t()
 
 
-def pretrain_cf_item_embeddings(dataset, dim, epochs, max_len=50, batch_size=128, logger=None):
-    """Item embeddings of a short next-item model fitted on the training split only (valid/test would leak)."""
+def pretrain_cf_item_embeddings(dataset, dim, epochs, max_len=50, batch_size=128, logger=None, progress=None,
+                                monitor=None):
+    """Item embeddings of a short next-item model fitted on the training split only (valid/test would leak).
+    `progress` (a `TokenizerProgress`): resume from its saved epoch, and save after every epoch."""
     chunks = []
     for _, items in training_sequences(dataset):
         for start in range(0, max(len(items) - 1, 1), max_len):
@@ -214,7 +224,8 @@ def pretrain_cf_item_embeddings(dataset, dim, epochs, max_len=50, batch_size=128
         data[row, : len(chunk)] = torch.tensor(chunk)
     model = _CFSequenceModel(dataset.item_num, dim, max_len)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for epoch in range(epochs):
+    saved = progress.resume("cf", model, optimizer) if progress else None
+    for epoch in _epochs(monitor, range(saved["epoch"] + 1 if saved else 0, epochs), "tokenizer: ID model"):
         order = torch.randperm(len(data))
         total = 0.0
         for start in range(0, len(data), batch_size):
@@ -228,30 +239,61 @@ def pretrain_cf_item_embeddings(dataset, dim, epochs, max_len=50, batch_size=128
             total += float(loss.detach())
         if logger:
             logger.info(f"[MPQ tokenizer] pretrained ID model epoch {epoch}: CE {total / max(1, len(data) // batch_size):.4f}")
+        if monitor:
+            monitor.scalars("tokenizer/cf_pretrain", epoch, {"ce": total / max(1, len(data) // batch_size)})
+        if progress:
+            progress.save("cf", epoch, model, optimizer)
     vectors = model.item_embedding.weight.detach().clone()
     vectors[0] = 0.0
     return vectors
 
 
-def item_input_vectors(dataset, settings, logger=None):
-    """v_i [n_items, d]: standardised, row 0 (PAD) zero. Source chosen by `item_feature_source`."""
+def check_tokenizer_inputs(settings, dataset, logger=None):
+    """What the tokenizer needs, checked before anything is trained or written (REG4Rec.__init__ calls it): the
+    item vectors `item_feature_source` asks for can be built, and D**M token tuples can identify every item.
+    Without item features, `auto` logs that it falls back to the pretrained ID model and goes on."""
     source = settings.feature_source
-    features = feature_item_vectors(dataset, settings.input_dim) if source in ("auto", "features", "features+cf") else None
-    if source in ("features", "features+cf") and features is None:
+    no_features = missing_item_features(dataset)  # None when the dataset has item features
+    if source in ("features", "features+cf") and no_features:
         raise ValueError(
-            f"item_feature_source '{source}' needs item features, but dataset '{dataset.dataset_name}' loads no token / "
-            "token_seq item field. Fix: add item fields to load_col.item, or set item_feature_source: cf."
+            f"item_feature_source '{source}' needs item features, but {no_features}. Fix: provide "
+            f"{dataset.dataset_name}.item with token / token_seq columns listed in load_col.item, or set "
+            "item_feature_source: cf (item embeddings of a pretrained ID model) or auto."
         )
-    use_cf = source in ("cf", "features+cf") or (source == "auto" and features is None)
+    use_cf = source in ("cf", "features+cf") or (source == "auto" and no_features)
     if use_cf and settings.cf_epochs == 0:
         raise ValueError(
             f"No item input vectors for the MPQ tokenizer: dataset '{dataset.dataset_name}' has "
-            f"{'no item features' if features is None else 'features'} and mpq_cf_epochs is 0 (no pretrained ID model). "
-            "Fix: set mpq_cf_epochs >= 1, or load item features (load_col.item) with item_feature_source: features."
+            f"{'no item features' if no_features else 'features'} and mpq_cf_epochs is 0 (no pretrained ID model)"
+            f"{'; ' + no_features if no_features else ''}. Fix: set mpq_cf_epochs >= 1, or load item features "
+            "(load_col.item) with item_feature_source: features."
         )
+    n_items = dataset.item_num - 1
+    if settings.codebook_size**settings.num_codebooks < n_items:
+        raise ValueError(
+            f"mpq_codebook_size ** mpq_num_codebooks = {settings.codebook_size}**{settings.num_codebooks} = "
+            f"{settings.codebook_size ** settings.num_codebooks} token tuples cannot identify the {n_items} items of "
+            f"dataset '{dataset.dataset_name}'. Fix: raise mpq_codebook_size or mpq_num_codebooks."
+        )
+    if source == "auto" and no_features and logger:
+        logger.info(
+            f"REG4Rec: no item features ({no_features}): the MPQ tokenizer reads the item embeddings of a pretrained "
+            f"ID model instead (item_feature_source auto -> cf, mpq_cf_epochs={settings.cf_epochs})."
+        )
+
+
+def item_input_vectors(dataset, settings, logger=None, progress=None, monitor=None):
+    """v_i [n_items, d]: standardised, row 0 (PAD) zero. Source chosen by `item_feature_source`."""
+    check_tokenizer_inputs(settings, dataset)
+    source = settings.feature_source
+    features = feature_item_vectors(dataset, settings.input_dim) if source in ("auto", "features", "features+cf") else None
+    use_cf = source in ("cf", "features+cf") or (source == "auto" and features is None)
     parts = [features] if features is not None else []
     if use_cf:
-        parts.append(pretrain_cf_item_embeddings(dataset, settings.cf_dim, settings.cf_epochs, logger=logger))
+        parts.append(
+            pretrain_cf_item_embeddings(dataset, settings.cf_dim, settings.cf_epochs, logger=logger, progress=progress,
+                                        monitor=monitor)
+        )
     vectors = []
     for part in parts:
         part = part - part[1:].mean(0, keepdim=True)
@@ -356,15 +398,22 @@ def expert_orthogonality(e):
     return (off_diagonal**2).sum((1, 2)).mean()
 
 
-def train_mpq(vectors, settings, logger=None):
-    """Fit MPQ on the item vectors (rows 1..n; row 0 is PAD). Returns (model, history of reconstruction losses)."""
+def train_mpq(vectors, settings, logger=None, progress=None, monitor=None):
+    """Fit MPQ on the item vectors (rows 1..n; row 0 is PAD). Returns (model, history of reconstruction losses).
+    `progress` (a `TokenizerProgress`): resume from its saved epoch, and save after k-means init and every epoch."""
     v = vectors[1:]
     model = MPQ(v.size(1), settings)
-    model.kmeans_init(v)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
-    with torch.no_grad():
-        history = [float(model.losses(v)[1]["recon"])]
-    for epoch in range(settings.epochs):
+    saved = progress.resume("mpq", model, optimizer) if progress else None
+    if saved:
+        history = list(saved["history"])
+    else:
+        model.kmeans_init(v)
+        with torch.no_grad():
+            history = [float(model.losses(v)[1]["recon"])]
+        if progress:
+            progress.save("mpq", -1, model, optimizer, vectors=vectors, history=history)
+    for epoch in _epochs(monitor, range(saved["epoch"] + 1 if saved else 0, settings.epochs), "tokenizer: MPQ"):
         order = torch.randperm(v.size(0))
         for start in range(0, v.size(0), settings.batch_size):
             loss, _ = model.losses(v[order[start : start + settings.batch_size]])
@@ -376,10 +425,14 @@ def train_mpq(vectors, settings, logger=None):
         with torch.no_grad():
             _, parts = model.losses(v)
         history.append(float(parts["recon"]))
+        if monitor:
+            monitor.scalars("tokenizer/mpq", epoch, parts)
         if logger and (epoch % 20 == 0 or epoch == settings.epochs - 1):
             logger.info(
                 f"[MPQ tokenizer] epoch {epoch}: " + ", ".join(f"{name} {float(value):.4f}" for name, value in parts.items())
             )
+        if progress:
+            progress.save("mpq", epoch, model, optimizer, vectors=vectors, history=history)
     return model, history
 
 
@@ -499,24 +552,150 @@ def code_usage(item2tokens, codebook_size):
     return usage, perplexity
 
 
-def build_item_tokens(config, dataset, logger=None, settings=None):
-    """Load the item -> tokens table from the cache, or build it (and cache it). `dataset`: the training split."""
+def atomic_save(obj, path):
+    """torch.save through a temporary file and a rename: an interrupted write never leaves a truncated `path`."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    temporary = f"{path}.tmp-{os.getpid()}"
+    try:
+        torch.save(obj, temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def stale_reason(stored, fingerprint, settings, n_items):
+    """Why a stored cache / partial state does not belong to this dataset and these settings (None: it does)."""
+    if not isinstance(stored, dict) or stored.get("version") != CACHE_VERSION:
+        return f"it was written by another tokenizer version ({stored.get('version') if isinstance(stored, dict) else '?'})"
+    if stored.get("fingerprint") != fingerprint:
+        return "it was built for another dataset (item ids, item features or training sequences differ)"
+    if stored.get("settings") != settings.key():
+        other = stored.get("settings") or {}
+        changed = sorted(key for key in settings.key() if other.get(key) != settings.key()[key])
+        return f"it was built with other tokenizer settings ({', '.join(changed)})"
+    table = stored.get("item2tokens")
+    if table is not None and tuple(table.shape) != (n_items, settings.num_codebooks):
+        return f"its item table has shape {tuple(table.shape)}, this dataset needs ({n_items}, {settings.num_codebooks})"
+    return None
+
+
+def load_cache(path, fingerprint, settings, n_items, logger):
+    """The cached ItemTokens at `path` when they belong to this dataset and these settings, else None (logged)."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        cached = load_checkpoint(path)
+    except Exception as error:  # truncated or foreign file: any unpickling error means "not ours"
+        logger.warning(f"[MPQ tokenizer] cache {path} is unreadable ({type(error).__name__}: {error}): rebuilding it")
+        return None
+    problem = stale_reason(cached, fingerprint, settings, n_items)
+    if problem:
+        logger.warning(f"[MPQ tokenizer] cache {path} is stale: {problem}. Rebuilding it.")
+        return None
+    logger.info(f"[MPQ tokenizer] reusing cached item tokens {path}")
+    return ItemTokens(cached["item2tokens"], cached["item_cat"], cached["token_cat"], cached["stats"], True, path)
+
+
+class TokenizerMonitor:
+    """What the tokenizer's epoch loops report: a tqdm bar per loop when `show_progress` is on, and every epoch's
+    losses as TensorBoard scalars (`tokenizer/mpq/<loss>`, `tokenizer/cf_pretrain/ce`). Draws no random numbers."""
+
+    def __init__(self, tensorboard=None, show_progress=False):
+        self.tensorboard, self.show_progress = tensorboard, bool(show_progress)
+
+    def epochs(self, epochs, desc):
+        from tqdm import tqdm
+
+        return tqdm(epochs, desc=desc, unit="epoch", disable=not self.show_progress)
+
+    def scalars(self, prefix, epoch, values):
+        if self.tensorboard is not None:
+            for name, value in values.items():
+                self.tensorboard.add_scalar(f"{prefix}/{name}", float(value), epoch)
+
+
+def _epochs(monitor, epochs, desc):
+    return monitor.epochs(epochs, desc) if monitor else epochs
+
+
+class TokenizerProgress:
+    """The partial state of one tokenizer build, in `<cache file>.partial`: after every epoch of a stage ('cf': the
+    pretrained ID model, 'mpq': MPQ), that stage's weights, optimizer state, epoch and the CPU RNG state (plus, for
+    'mpq', the item vectors and loss history). A later build with the same dataset and settings resumes from it; a
+    partial file of other data or settings is ignored (and overwritten)."""
+
+    STAGES = ("cf", "mpq")
+
+    def __init__(self, cache_file, fingerprint, settings, n_items, logger):
+        self.path = cache_file + ".partial"
+        self.header = {"version": CACHE_VERSION, "fingerprint": fingerprint, "settings": settings.key()}
+        self.logger = logger
+        self.state = self._load(fingerprint, settings, n_items)
+
+    def _load(self, fingerprint, settings, n_items):
+        if not os.path.isfile(self.path):
+            return None
+        try:
+            state = load_checkpoint(self.path)
+        except Exception as error:
+            self.logger.warning(f"[MPQ tokenizer] partial state {self.path} is unreadable ({type(error).__name__}): starting over")
+            return None
+        problem = stale_reason(state, fingerprint, settings, n_items) or (
+            None if state.get("stage") in self.STAGES else f"unknown stage {state.get('stage')!r}"
+        )
+        if problem:
+            self.logger.warning(f"[MPQ tokenizer] partial state {self.path} is not this build's: {problem}. Starting over.")
+            return None
+        self.logger.info(
+            f"[MPQ tokenizer] resuming the interrupted build from {self.path}: stage {state['stage']}, "
+            f"{state['epoch'] + 1} epoch(s) done"
+        )
+        return state
+
+    @property
+    def vectors(self):
+        """The item vectors of an interrupted MPQ stage (the ID model stage before it is then complete)."""
+        return self.state["vectors"] if self.state and self.state["stage"] == "mpq" else None
+
+    def resume(self, stage, model, optimizer):
+        """Load the saved state of `stage` into model and optimizer and restore the RNG; returns the state or None."""
+        if not self.state or self.state["stage"] != stage:
+            return None
+        model.load_state_dict(self.state["model"])
+        optimizer.load_state_dict(self.state["optimizer"])
+        torch.set_rng_state(self.state["rng"])
+        return self.state
+
+    def save(self, stage, epoch, model, optimizer, **extra):
+        state = {**self.header, "stage": stage, "epoch": epoch, "model": model.state_dict(),
+                 "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(), **extra}
+        atomic_save(state, self.path)
+
+    def finish(self):
+        if os.path.exists(self.path):
+            os.remove(self.path)
+
+
+def build_item_tokens(config, dataset, logger=None, settings=None, monitor=None):
+    """Load the item -> tokens table from the cache, or build it (resuming an interrupted build) and cache it.
+    `dataset`: the training split. Nothing is written before the inputs are checked."""
+    logger = logger or getLogger()
     settings = settings or TokenizerSettings.from_config(config)
+    check_tokenizer_inputs(settings, dataset)
     path = cache_path(config, dataset, settings)
     fingerprint = dataset_fingerprint(dataset)
-    if os.path.isfile(path):
-        cached = load_checkpoint(path)
-        if cached.get("fingerprint") == fingerprint and cached.get("settings") == settings.key():
-            if logger:
-                logger.info(f"[MPQ tokenizer] reusing cached item tokens {path}")
-            return ItemTokens(cached["item2tokens"], cached["item_cat"], cached["token_cat"], cached["stats"], True, path)
-        if logger:
-            logger.info(f"[MPQ tokenizer] cache {path} is stale (dataset or settings changed): rebuilding")
+    cached = load_cache(path, fingerprint, settings, dataset.item_num, logger)
+    if cached is not None:
+        return cached
 
+    progress = TokenizerProgress(path, fingerprint, settings, dataset.item_num, logger)
     with torch.random.fork_rng():
         torch.manual_seed(settings.seed)
-        vectors = item_input_vectors(dataset, settings, logger)
-        mpq, history = train_mpq(vectors, settings, logger)
+        vectors = progress.vectors
+        if vectors is None:
+            vectors = item_input_vectors(dataset, settings, logger, progress, monitor)
+        mpq, history = train_mpq(vectors, settings, logger, progress, monitor)
         with torch.no_grad():
             distances = mpq.distances(mpq.encode(vectors[1:]))
         nearest = distances.argmin(-1)
@@ -538,8 +717,7 @@ def build_item_tokens(config, dataset, logger=None, settings=None):
         "category_source": category_source,
         "input_dim": int(vectors.size(1)),
     }
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.save(
+    atomic_save(
         {
             "version": CACHE_VERSION,
             "fingerprint": fingerprint,
@@ -552,6 +730,6 @@ def build_item_tokens(config, dataset, logger=None, settings=None):
         },
         path,
     )
-    if logger:
-        logger.info(f"[MPQ tokenizer] built and cached {path}: {json.dumps(stats)}")
+    progress.finish()
+    logger.info(f"[MPQ tokenizer] built and cached {path}: {json.dumps(stats)}")
     return ItemTokens(item2tokens, item_cat, token_cat, stats, False, path)

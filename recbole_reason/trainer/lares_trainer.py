@@ -7,7 +7,8 @@ depth-scaling evaluation.
   ranks in its top `filter_topk` in any of `filter_iters` eval passes; each batch runs the GRPO-style
   `LARES.reinforcement_post_training_loss`. The better model of the two stages is in the one checkpoint file.
 - `post_evaluate` re-evaluates the best model at every depth of `depth_scaling_recurrences`.
-`rl_epochs: 0` gives the SPT-only variant.
+`rl_epochs: 0` gives the SPT-only variant. `rpt_clip_grad_norm` clips RPT's gradients (null: clip_grad_norm).
+Resume: RPT's resume state also holds the kept row indices and the frozen reference's eval-noise generator.
 """
 
 import os
@@ -15,7 +16,9 @@ import os
 import torch
 from recbole.utils import dict2str, set_color
 from torch import nn
+from tqdm import tqdm
 
+from recbole_reason.distributed import broadcast_from_rank0
 from recbole_reason.quick_start import metrics_table
 from recbole_reason.trainer.base import PostTrainingTrainer
 
@@ -25,6 +28,7 @@ class LARESTrainer(PostTrainingTrainer):
     post_stage = "rpt"
     post_epochs_key = "rl_epochs"
     post_learning_rate_key = "rl_learning_rate"
+    post_clip_grad_norm_key = "rpt_clip_grad_norm"
 
     def __init__(self, config, model):
         super().__init__(config, model)
@@ -37,6 +41,7 @@ class LARESTrainer(PostTrainingTrainer):
         self.depth_scaling_recurrences = [] if depths is None else list(depths)
         self._validate()
         self.rpt_train_data = None
+        self.rpt_rows = None  # indices of the training rows RPT trains on (kept in the resume state)
         self.rpt_rows_kept = None
 
     def _validate(self):
@@ -59,12 +64,11 @@ class LARESTrainer(PostTrainingTrainer):
 
     # -- RPT ------------------------------------------------------------------------------------------------
     def start_post_training(self, train_data):
-        if self.rl_dropout_prob is not None:
-            for module in self.model.modules():
-                if isinstance(module, nn.Dropout):
-                    module.p = float(self.rl_dropout_prob)
+        self._set_rl_dropout()
         dataset = train_data._dataset
         keep = self.top_k_filter(dataset) if self.data_filter else torch.ones(len(dataset), dtype=torch.bool)
+        # DDP: every rank must train on the same rows (equal batch counts), even if GPU float noise flips a rank
+        keep = broadcast_from_rank0(keep, self.config)
         kept = int(keep.sum())
         if kept == 0:
             raise ValueError(
@@ -75,8 +79,44 @@ class LARESTrainer(PostTrainingTrainer):
         rule = f"target in the top {self.filter_topk} of any of {self.filter_iters} passes" if self.data_filter else "filter off"
         self.logger.info(set_color("rpt data filter", "green") + f": {kept}/{len(dataset)} training rows kept ({rule})")
         self.tensorboard.add_scalar("rpt/rows_kept", kept, 0)
-        rows = torch.nonzero(keep).squeeze(1)
+        self._train_on_rows(train_data, torch.nonzero(keep).squeeze(1))
+
+    def resume_post_training(self, train_data, extra):
+        # The kept rows come from the resume state: re-filtering would need the SPT weights, which an RPT epoch
+        # may have replaced in the checkpoint file since.
+        self._set_rl_dropout()
+        self._train_on_rows(train_data, extra["rpt_rows"].cpu())
+        self.rpt_rows_kept = len(self.rpt_rows)
+        # The frozen reference draws its S_0 from its own eval-noise generator, never reset during RPT: a fresh
+        # one would give it other noise than the uninterrupted run.
+        noise = self.reference_model._eval_noise
+        noise.reset()
+        for device, state in extra["reference_eval_noise"].items():
+            noise.get(torch.device(device)).set_state(state.cpu())
+
+    def _set_rl_dropout(self):
+        if self.rl_dropout_prob is not None:
+            for module in self.model.modules():
+                if isinstance(module, nn.Dropout):
+                    module.p = float(self.rl_dropout_prob)
+
+    def _train_on_rows(self, train_data, rows):
+        dataset = train_data._dataset
+        self.rpt_rows = rows
         self.rpt_train_data = self._loader_like(train_data, dataset.copy(dataset.inter_feat[rows]))
+
+    def _stage_train_loader(self, train_data):
+        if self.stage == self.post_stage and self.rpt_train_data is not None:
+            return self.rpt_train_data
+        return train_data
+
+    def _extra_resume_state(self):
+        extra = super()._extra_resume_state()
+        if self.stage == self.post_stage:
+            extra["rpt_rows"] = self.rpt_rows
+            generators = self.reference_model._eval_noise.generators
+            extra["reference_eval_noise"] = {device: g.get_state() for device, g in generators.items()}
+        return extra
 
     @torch.no_grad()
     def top_k_filter(self, dataset):
@@ -86,10 +126,10 @@ class LARESTrainer(PostTrainingTrainer):
         inter_feat = dataset.inter_feat
         keep = torch.zeros(len(inter_feat), dtype=torch.bool)
         batch_size = self.config["eval_batch_size"]
-        for _ in range(self.filter_iters):
-            for start in range(0, len(inter_feat), batch_size):
-                batch = inter_feat[start : start + batch_size].to(self.device)
-                keep[start : start + batch_size] |= (self.model.target_rank(batch) < self.filter_topk).cpu()
+        starts = [start for _ in range(self.filter_iters) for start in range(0, len(inter_feat), batch_size)]
+        for start in tqdm(starts, desc="rpt data filter", unit="batch", disable=not self.config["show_progress"]):
+            batch = inter_feat[start : start + batch_size].to(self.device)
+            keep[start : start + batch_size] |= (self.model.target_rank(batch) < self.filter_topk).cpu()
         return keep
 
     def _loader_like(self, train_data, dataset):
@@ -106,6 +146,12 @@ class LARESTrainer(PostTrainingTrainer):
         if self.stage == self.post_stage and self.rpt_train_data is not None:
             train_data = self.rpt_train_data
         return super()._train_epoch(train_data, epoch_idx, loss_func=loss_func, show_progress=show_progress)
+
+    def _loss_names(self, losses):
+        # SPT's terms by their paper names: TensorBoard tags spt/Loss/Train/ce|tla|sla rather than loss1..3.
+        if self.stage == type(self).stage and isinstance(losses, tuple) and len(losses) == 3:
+            return ["ce", "tla", "sla"]
+        return super()._loss_names(losses)
 
     def post_training_loss(self, interaction):
         loss, stats = self.model.reinforcement_post_training_loss(interaction, self.reference_model)
@@ -124,8 +170,10 @@ class LARESTrainer(PostTrainingTrainer):
             self.load_model_weights(self.saved_model_file)
         trained_depth = self.model.test_recurrence
         results = {}
+        self.tensorboard.add_scalar("stage/depth_scaling", 3, len(self.train_loss_dict))
         try:
-            for depth in self.depth_scaling_recurrences:
+            depths = tqdm(self.depth_scaling_recurrences, desc="depth scaling", disable=not self.config["show_progress"])
+            for depth in depths:
                 self.model.test_recurrence = depth
                 result = self.evaluate(test_data, load_best_model=False)
                 results[depth] = result

@@ -7,7 +7,8 @@ is one fully on-policy RecPO step: K rollouts per user, fused reward, group adva
 optimizer step. The item table is fully re-encoded every `r2ec_item_refresh_steps` steps (its in-batch target rows
 are overwritten at every step by the model). No KL and no reference model: `self.reference_model` is unused.
 The best checkpoint of either stage is saved in the one RecBole checkpoint file (`evaluate` and tuning find it).
-`recpo_epochs: 0` gives the warm-up-only variant.
+`recpo_epochs: 0` gives the warm-up-only variant. `recpo_clip_grad_norm` clips RecPO's gradients (null:
+clip_grad_norm). Resume: the item table (a non-persistent buffer) and both step counters are in the resume state.
 """
 
 from recbole_reason.trainer.base import PostTrainingTrainer
@@ -18,6 +19,9 @@ class R2ecTrainer(PostTrainingTrainer):
     post_stage = "recpo"
     post_epochs_key = "recpo_epochs"
     post_learning_rate_key = "recpo_learning_rate"
+    post_clip_grad_norm_key = "recpo_clip_grad_norm"
+    # DDP: each rank overwrites its own batch's rows of the item table; every rank keeps the rows of all ranks
+    ddp_row_synced_buffers = ("item_table",)
 
     def __init__(self, config, model):
         super().__init__(config, model)
@@ -27,6 +31,31 @@ class R2ecTrainer(PostTrainingTrainer):
         self.model.set_dropout(0.0)
         self.model.refresh_item_table()
         self.recpo_steps = 0
+
+    def resume_post_training(self, train_data, extra):
+        self.model.set_dropout(0.0)  # the item table itself comes back with the model's buffers
+
+    # Resume: besides the item table (a non-persistent buffer, kept by the resume state), the next step reads the
+    # RecPO step counter and the model's warm-up step counter (both decide when the table is re-encoded).
+    MODEL_COUNTERS = ("_warmup_steps", "_table_dirty")
+
+    def _extra_resume_state(self):
+        extra = super()._extra_resume_state()
+        extra["recpo_steps"] = self.recpo_steps
+        extra["model_counters"] = {name: getattr(self.model, name) for name in self.MODEL_COUNTERS if hasattr(self.model, name)}
+        return extra
+
+    def _load_extra_resume_state(self, extra, train_data):
+        super()._load_extra_resume_state(extra, train_data)
+        self.recpo_steps = extra["recpo_steps"]
+        for name, value in extra["model_counters"].items():
+            setattr(self.model, name, value)
+
+    def _loss_names(self, losses):
+        # TensorBoard tags warmup/Loss/Train/rec|lm and recpo/Loss/Train/token|item rather than loss1|loss2.
+        if isinstance(losses, tuple) and len(losses) == 2:
+            return ["token", "item"] if self.stage == self.post_stage else ["rec", "lm"]
+        return super()._loss_names(losses)
 
     def post_training_loss(self, interaction):
         if self.recpo_steps and self.recpo_steps % self.model.item_refresh_steps == 0:

@@ -9,7 +9,9 @@ Stage 2, PARS (`pars_epochs` > 0): per batch, G CRSS paths per context are sampl
          k3-KL to the frozen supervised model (`reference_model`), plus an SFT anchor. pi_old is a frozen snapshot
          refreshed every epoch (`pars_old_policy_refresh: epoch`, so the clipped ratio is active) or the current
          policy (`batch`). The best model (valid NDCG@10, both stages) is saved in the one checkpoint RecBole's
-         `evaluate` and HyperTuning load.
+         `evaluate` and HyperTuning load. `pars_clip_grad_norm` clips PARS's gradients (null: clip_grad_norm).
+Resume: stage 0 reads its on-disk cache; pi_old is re-snapshotted at every PARS epoch start, so the resume state
+needs nothing beyond `PostTrainingTrainer`'s (reference model included).
 """
 
 import copy
@@ -17,8 +19,9 @@ import copy
 import torch
 from recbole.utils import set_color
 
-from recbole_reason.data.mpq_tokenizer import build_item_tokens
+from recbole_reason.data.mpq_tokenizer import TokenizerMonitor, build_item_tokens
 from recbole_reason.data.reg4rec_dataset import TARGET_POS_FIELD
+from recbole_reason.distributed import rank_zero_first
 from recbole_reason.model.rl import clipped_policy_loss, group_normalized_advantages, kl_to_reference
 from recbole_reason.model.sequential_recommender.reg4rec import msra_rewards
 from recbole_reason.trainer.base import PostTrainingTrainer
@@ -29,6 +32,7 @@ class REG4RecTrainer(PostTrainingTrainer):
     post_stage = "pars"
     post_epochs_key = "pars_epochs"
     post_learning_rate_key = "pars_learning_rate"
+    post_clip_grad_norm_key = "pars_clip_grad_norm"
 
     def __init__(self, config, model):
         super().__init__(config, model)
@@ -57,7 +61,9 @@ class REG4RecTrainer(PostTrainingTrainer):
     # -- stage 0 ------------------------------------------------------------------------------------------
     def tokenize(self, train_data):
         dataset = train_data._dataset
-        tokens = build_item_tokens(self.config, dataset, self.logger)
+        with rank_zero_first(self.config):  # DDP: rank 0 builds and caches the tokens, the other ranks read the cache
+            monitor = TokenizerMonitor(self.tensorboard, self.config["show_progress"])
+            tokens = build_item_tokens(self.config, dataset, self.logger, monitor=monitor)
         dataset.attach_item_tokens(tokens)
         self.model.set_item_tokens(tokens)
         stats = tokens.stats
@@ -76,6 +82,7 @@ class REG4RecTrainer(PostTrainingTrainer):
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         if verbose:
             self.logger.info(set_color("=== stage 0: tokenizer (MPQ) ===", "cyan"))
+        self._stage_to_tensorboard(0, "tokenizer", "MPQ")
         self.item_tokens = self.tokenize(train_data)
         self.train_dataset = train_data._dataset
         return super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
@@ -85,6 +92,10 @@ class REG4RecTrainer(PostTrainingTrainer):
         self.train_dataset = train_data._dataset
         if self.model.msra_window > 1 and not hasattr(self.train_dataset, "future_items"):
             raise ValueError("msra_window > 1 needs REG4RecDataset (future training items); build the data via recbole_reason.")
+
+    def resume_post_training(self, train_data, extra):
+        # pi_old needs nothing from the resume state: it is snapshotted from the policy at every epoch start.
+        self.start_post_training(train_data)
 
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
         if self.stage == self.post_stage and self.refresh == "epoch":
@@ -126,12 +137,10 @@ class REG4RecTrainer(PostTrainingTrainer):
         advantages = group_normalized_advantages(rewards.view(-1, G)).view(-1, 1)
 
         memory, padding = model.encode(item_seq, item_seq_len)
-        logp = model.path_log_probs(memory.repeat_interleave(G, 0), padding.repeat_interleave(G, 0), paths, masks)
+        logp = model.path_log_probs(memory, padding, paths, masks)  # the G paths of a context share its memory
         with torch.no_grad():
             ref_memory, ref_padding = self.reference_model.encode(item_seq, item_seq_len)
-            ref_logp = self.reference_model.path_log_probs(
-                ref_memory.repeat_interleave(G, 0), ref_padding.repeat_interleave(G, 0), paths, masks
-            )
+            ref_logp = self.reference_model.path_log_probs(ref_memory, ref_padding, paths, masks)
         policy_loss = clipped_policy_loss(logp, old_logp, advantages, self.clip_eps).mean()
         kl = kl_to_reference(logp, ref_logp).mean()
         loss = policy_loss + self.kl_beta * kl
@@ -141,6 +150,7 @@ class REG4RecTrainer(PostTrainingTrainer):
         grouped = rewards.view(-1, G)
         self.record(
             reward=rewards.mean(),
+            advantage_abs_mean=advantages.abs().mean(),
             step_hit=terms["step_hit"].mean(),
             global_path=terms["global_path"].mean(),
             category_hit=terms["category_hit"].mean(),

@@ -39,7 +39,7 @@ from recbole.model.layers import TransformerEncoder
 from recbole.utils import ensure_dir
 from torch import nn
 
-from recbole_reason.model.rl import kl_to_reference
+from recbole_reason.model.rl import group_advantages, kl_to_reference
 
 SAMPLING_SCHEMES = ("poisson-lognormal", "uniform", "poisson-unbounded", "poisson-bounded", "non-recurrent", "constant")
 STATE_INIT_METHODS = ("normal", "normal_zero", "zero")
@@ -72,13 +72,9 @@ def symmetric_info_nce(x, y, tau, sem_func):
 
 def group_relative_advantage(rewards, eps=1e-4):
     """GRPO advantage A_bg = (r_bg - mean_g r_b) / (std_g r_b + 1e-4) with the *unbiased* std, as the reference
-    code. (rl.group_normalized_advantages uses the population std, which would rescale A by sqrt(G / (G - 1))
-    relative to the KL term and so change the effective beta.) Every row sums to zero; equal rewards give 0."""
-    if rewards.dim() != 2 or rewards.size(1) < 2:
-        raise ValueError(f"rewards must be [B, G] with G >= 2 rollouts per group, got shape {tuple(rewards.shape)}")
-    mean = rewards.mean(dim=1, keepdim=True)
-    std = rewards.std(dim=1, keepdim=True, unbiased=True)
-    return (rewards - mean) / (std + eps)
+    code: `rl.group_advantages` zscore. (PARS's population std would rescale A by sqrt(G / (G - 1)) relative to the
+    KL term and so change the effective beta.) Every row sums to zero; equal rewards give 0."""
+    return group_advantages(rewards, "zscore", unbiased=True, eps=eps)
 
 
 def grpo_per_step_loss(logp, ref_logp, advantages, beta, step_mask):
@@ -302,7 +298,7 @@ class LARES(SequentialRecommender):
         )
 
     def _encoder(self, n_layers):
-        return TransformerEncoder(
+        encoder = TransformerEncoder(
             n_layers=n_layers,
             n_heads=self.n_heads,
             hidden_size=self.hidden_size,
@@ -312,6 +308,12 @@ class LARES(SequentialRecommender):
             hidden_act=self.hidden_act,
             layer_norm_eps=self.layer_norm_eps,
         )
+        if self.hidden_act == "gelu":
+            for layer in encoder.layer:
+                # RecBole's gelu, x * 0.5 * (1 + erf(x / sqrt(2))), is four element-wise kernels; F.gelu is the same
+                # function in one (checkpoints are unaffected: an activation has no weights)
+                layer.feed_forward.intermediate_act_fn = F.gelu
+        return encoder
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -392,14 +394,41 @@ class LARES(SequentialRecommender):
         weight = torch.sigmoid(self.adapter_logit)
         return weight * state + (1 - weight) * h
 
-    def reason(self, item_seq, item_seq_len, n_steps, initial_state=None):
-        """Runs T = n_steps latent reasoning steps. Returns the final state [B, L, d] (every position refined) and
-        the readout of every step at the last real position [B, T, d] (SLA and RPT need the intermediate ones)."""
+    def pre_block(self, item_seq):
+        """H = A(Dropout(LN1(E[seq] + P))) and the causal attention mask: what every step re-injects."""
         position_ids = torch.arange(item_seq.size(1), dtype=torch.long, device=item_seq.device)
         x = self.item_embedding(item_seq) + self.position_embedding(position_ids).unsqueeze(0)
         x = self.input_dropout(self.input_layer_norm(x))
         attention_mask = self.get_attention_mask(item_seq)
         h = self.pre_encoder(x, attention_mask)[-1] if self.pre_encoder is not None else x
+        return h, attention_mask
+
+    @staticmethod
+    def readout_layer(layer, hidden, attention_mask, index):
+        """RecBole's TransformerLayer at one position per row (`index` [B]) -> [B, d]: keys and values from every
+        position, query, residual and feed-forward from that one only. The same output as the layer over all
+        positions read at `index`; used for the last layer of the last step, whose other positions nobody reads."""
+        attention = layer.multi_head_attention
+        rows = torch.arange(hidden.size(0), device=hidden.device)
+        query_input = hidden[rows, index].unsqueeze(1)  # [B, 1, d]
+
+        def heads(x):  # [B, n, d] -> [B, heads, n, head]
+            return x.view(x.size(0), x.size(1), attention.num_attention_heads, attention.attention_head_size).transpose(1, 2)
+
+        scores = heads(attention.query(query_input)) @ heads(attention.key(hidden)).transpose(-1, -2)
+        scores = scores / attention.sqrt_attention_head_size + attention_mask[rows, :, index].unsqueeze(2)
+        probs = attention.attn_dropout(attention.softmax(scores))
+        context = (probs @ heads(attention.value(hidden))).transpose(1, 2).reshape(hidden.size(0), 1, -1)
+        output = attention.LayerNorm(attention.out_dropout(attention.dense(context)) + query_input)
+        return layer.feed_forward(output).squeeze(1)
+
+    def reason(self, item_seq, item_seq_len, n_steps, initial_state=None, pre=None, readout_only=False):
+        """Runs T = n_steps latent reasoning steps. Returns the final state [B, L, d] (every position refined) and
+        the readout of every step at the last real position [B, T, d] (SLA and RPT need the intermediate ones).
+        pre: a precomputed `pre_block(item_seq)` (the frozen RPT reference shares one across its rollouts).
+        readout_only: the last layer of the last step runs at the readout position only (`readout_layer`); the
+        final state is then None."""
+        h, attention_mask = self.pre_block(item_seq) if pre is None else pre
         if initial_state is None:
             state = self.initial_state(h)
         else:
@@ -410,15 +439,22 @@ class LARES(SequentialRecommender):
             )
             state = initial_state
         readouts = []
-        for _ in range(n_steps):
-            state = self.core_encoder(self.core_layer_norm(self.reinject(state, h)), attention_mask)[-1]
-            readouts.append(self.gather_indexes(state, item_seq_len - 1))
+        for step in range(n_steps):
+            x = self.core_layer_norm(self.reinject(state, h))
+            if readout_only and step == n_steps - 1:
+                for layer in self.core_encoder.layer[:-1]:
+                    x = layer(x, attention_mask)
+                state = None
+                readouts.append(self.readout_layer(self.core_encoder.layer[-1], x, attention_mask, item_seq_len - 1))
+            else:
+                state = self.core_encoder(x, attention_mask)[-1]
+                readouts.append(self.gather_indexes(state, item_seq_len - 1))
         return state, torch.stack(readouts, dim=1)
 
     def forward(self, item_seq, item_seq_len, n_steps=None, initial_state=None):
         """User representation: the last step's state at the last real position [B, d]."""
         n_steps = self.current_depth() if n_steps is None else n_steps
-        _, readouts = self.reason(item_seq, item_seq_len, n_steps, initial_state)
+        _, readouts = self.reason(item_seq, item_seq_len, n_steps, initial_state, readout_only=True)
         return readouts[:, -1]
 
     def item_scores(self, output, items=None):
@@ -473,13 +509,13 @@ class LARES(SequentialRecommender):
         need_sla = self.gamma > 0 and depth > 1
         if self.alpha > 0 or need_sla:
             # pass 2: the original sequence at T2, keeping every step's readout o_1..o_T2
-            _, trajectory = self.reason(item_seq, item_seq_len, depth)
+            _, trajectory = self.reason(item_seq, item_seq_len, depth, readout_only=True)
             u = trajectory[:, -1]
             if self.alpha > 0:
                 # pass 3: a same-target training sequence at the same depth
                 positive_seq, positive_len = self.same_target_sequences(interaction)
                 positive_depth = depth if self.same_step else self.sample_train_depth()
-                _, positive_trajectory = self.reason(positive_seq, positive_len, positive_depth)
+                _, positive_trajectory = self.reason(positive_seq, positive_len, positive_depth, readout_only=True)
                 tla = self.trajectory_level_alignment(u, positive_trajectory[:, -1])
             if need_sla:
                 j = int(torch.randint(0, depth, ()))  # j = T2 - 1 (the final step) can be drawn, as in the code
@@ -505,12 +541,16 @@ class LARES(SequentialRecommender):
         target = interaction[self.POS_ITEM_ID]
 
         logps, ref_logps, rewards, depths = [], [], [], []
+        with torch.no_grad():  # the frozen reference is in eval mode: its pre-block output is the same for all G
+            reference_pre = None if reference_model.training else reference_model.pre_block(item_seq)
         for _ in range(self.group_num):
             depth = self.sample_train_depth()
-            _, readouts = self.reason(item_seq, item_seq_len, depth)
+            _, readouts = self.reason(item_seq, item_seq_len, depth, readout_only=True)
             logp, last_scores = self.step_target_log_probs(readouts, target)
             with torch.no_grad():
-                _, reference_readouts = reference_model.reason(item_seq, item_seq_len, depth)
+                _, reference_readouts = reference_model.reason(
+                    item_seq, item_seq_len, depth, pre=reference_pre, readout_only=True
+                )
                 ref_logp, _ = reference_model.step_target_log_probs(reference_readouts, target)
                 rewards.append(ranking_reward(last_scores, target, self.reward_metric, self.reward_k))
             logps.append(logp)
@@ -529,6 +569,7 @@ class LARES(SequentialRecommender):
         loss, mean_kl = grpo_per_step_loss(logp, ref_logp, advantages, self.beta, step_mask)
         stats = {
             "reward": rewards.mean().item(),
+            "advantage_abs_mean": advantages.abs().mean().item(),  # NaN / inf here stops RPT, naming it
             "kl": mean_kl.item(),
             "depth": sum(depths) / len(depths),
             "informative_groups": (rewards.std(dim=1) > 0).float().mean().item(),
@@ -553,3 +594,18 @@ class LARES(SequentialRecommender):
     def full_sort_predict(self, interaction, initial_state=None):
         output = self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN], initial_state=initial_state)
         return self.item_scores(output)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Reasoning depth at evaluation (recbole_reason.depth_study)
+    # ----------------------------------------------------------------------------------------------------------
+    reasoning_depth_key = "test_recurrence"
+
+    def set_reasoning_depth(self, value):
+        """Run T latent reasoning steps at evaluation (test_recurrence) without retraining; returns the previous T.
+        The core block is shared by all steps, so any T >= 1 runs, below or beyond the training depths."""
+        _require(
+            isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+            f"test_recurrence (the reasoning depth) must be an integer >= 1, got {value!r}.",
+        )
+        previous, self.test_recurrence = self.test_recurrence, value
+        return previous

@@ -33,7 +33,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from recbole.model.abstract_recommender import SequentialRecommender
 
-from recbole_reason.data.item_features import item_attributes, item_feature_fields
+from recbole_reason.data.item_features import item_attributes, item_feature_fields, missing_item_features
+from recbole_reason.model.rl import group_advantages
 
 SPECIALS = ("[PAD]", "[BOS]", "[HIST]", "[SEP]", "[ITEMP]", "[THINK]", "[ANS]", "[UNK]")
 PAD, BOS, HIST, SEP, ITEMP, THINK, ANS, UNK = range(len(SPECIALS))
@@ -58,6 +59,11 @@ class R2ecVocabulary:
     attributes: object  # ItemAttributes or None (dataset without item features)
 
     def kind(self, token):
+        if not 0 <= token < self.size:
+            raise ValueError(
+                f"R2ec token {token} is outside the vocabulary [0, {self.size}): it comes from a model or checkpoint "
+                "built on another dataset or vocabulary settings (r2ec_vocab_max, r2ec_text_fields, ...)."
+            )
         if token < len(SPECIALS):
             return "special"
         if self.item_offset >= 0 and self.item_offset <= token < self.item_offset + self.n_items:
@@ -86,7 +92,17 @@ def build_vocabulary(dataset, text_fields, max_tokens_per_field, item_id_token, 
     attributes = item_attributes(dataset, fields) if fields else None
     n_ratings = 0
     if use_rating and rating_field and rating_field in dataset.inter_feat:
-        n_ratings = max(1, min(10, int(round(float(dataset.inter_feat[rating_field].max())))))
+        ratings = dataset.inter_feat[rating_field]
+        low, high = float(ratings.min()), float(ratings.max())
+        # Rating tokens are the rounded ratings 1..10. A 0-100 or 0-1 scale would silently collapse onto one or two
+        # tokens; ratings of later splits outside the training range are clamped into it (user_prompt).
+        if round(low) < 1 or round(high) > 10:
+            raise ValueError(
+                f"r2ec_use_rating_token: the ratings ({rating_field}) of dataset '{dataset.dataset_name}' span "
+                f"[{low:g}, {high:g}], rating tokens are the rounded ratings 1..10. Fix: rescale the ratings to 1..10, "
+                "or set r2ec_use_rating_token: false."
+            )
+        n_ratings = int(round(high))
     item_offset = len(SPECIALS) if item_id_token else -1
     attr_offset = len(SPECIALS) + (n_items if item_id_token else 0)
 
@@ -251,15 +267,13 @@ def fused_reward(scores, target, ndcg_k, softmax_weight):
 
 
 def recpo_group_advantages(rewards, advantage_type):
-    """Advantages within each user's group of K trajectories, one per trajectory; rewards [B, K].
+    """Advantages within each user's group of K trajectories, one per trajectory; rewards [B, K] (`rl.group_advantages`).
     gaussian: (r - mean) / (unbiased std + 1e-8); leave-one-out: r * (1 + 1/K) - mean (as the official code)."""
     # float64: the rewards of one group often differ by ~1e-5, and a float32 mean would leave a group sum of
     # ~1e-3 after dividing by the std, hiding the zero-sum property the code_compat regression test relies on.
-    k, r = rewards.shape[1], rewards.double()
-    mean = r.mean(dim=1, keepdim=True)
     if advantage_type == "gaussian":
-        return ((r - mean) / (r.std(dim=1, keepdim=True) + 1e-8)).to(rewards.dtype)
-    return (r * (1.0 + 1.0 / k) - mean).to(rewards.dtype)
+        return group_advantages(rewards, "zscore", unbiased=True, eps=1e-8, dtype=torch.float64)
+    return group_advantages(rewards, "leave-one-out", dtype=torch.float64)
 
 
 def relabel_mask(advantages, topk):
@@ -369,8 +383,9 @@ class R2ec(SequentialRecommender):
                     "would have no tokens at all. Fix: set r2ec_item_id_token: true or load item features."
                 )
             logger.info(
-                f"R2ec: dataset '{dataset.dataset_name}' has no token/token_seq item features; items are described "
-                "by their ID token alone."
+                f"R2ec: dataset '{dataset.dataset_name}' has no token/token_seq item features "
+                f"({missing_item_features(dataset) or 'r2ec_text_fields names none'}); items are described by their "
+                "ID token alone."
             )
         else:
             logger.info(
@@ -613,16 +628,41 @@ class R2ec(SequentialRecommender):
         gumbel = -torch.log((-torch.log(uniform)).clamp(min=1e-20))
         return (logits + gumbel).argmax(dim=-1)
 
+    def _shares_prompts(self):
+        """Whether K rollouts of one prompt may share one prompt forward (its keys/values repeated K times): exact
+        when no dropout is active (RecPO runs without) and the backbone is ours (an HF cache is not repeated)."""
+        if self.backbone_kind != "tiny":
+            return False
+        if not self.training:
+            return True
+        return not any(
+            (isinstance(m, nn.Dropout) and m.p > 0) or (isinstance(m, _Block) and m.attn_dropout > 0)
+            for m in self.backbone.modules()
+        )
+
+    @staticmethod
+    def _repeat_cache(past, k):
+        """A tiny backbone's cache with every row repeated k times (rows grouped per prompt, as repeat_interleave)."""
+        return {"kv": [(key.repeat_interleave(k, 0), value.repeat_interleave(k, 0)) for key, value in past["kv"]],
+                "valid": past["valid"].repeat_interleave(k, 0)}
+
     @torch.no_grad()
-    def generate_reasoning(self, prompt, temperature=0.0, top_k=0, top_p=1.0, max_len=None):
+    def generate_reasoning(self, prompt, temperature=0.0, top_k=0, top_p=1.0, max_len=None, group_size=1):
         """LM head, autoregressive with a KV cache: stop at [ANS], or append [ANS] after `max_len` tokens.
+        `group_size` K: K reasonings per prompt row, rows grouped per prompt (the same as decoding
+        prompt.repeat_interleave(K)); the prompt is run once, its cache repeated K times, when `_shares_prompts`.
         Returns (reasoning [N, <= max_len + 1] closed tokens PAD after [ANS], sampled mask (the forced [ANS] is
-        not the policy's action), state at [ANS] [N, d])."""
+        not the policy's action), state at [ANS] [N, d]), N = K * prompt rows."""
         max_len = self.max_reason_len if max_len is None else max_len
-        n = prompt.shape[0]
+        if group_size > 1 and not self._shares_prompts():
+            prompt, group_size = prompt.repeat_interleave(group_size, dim=0), 1
         hidden, past = self._run(prompt)
         last = hidden[:, -1]
         position = self._backbone_length(prompt)  # next position id: backbone tokens so far
+        if group_size > 1:
+            last, position = last.repeat_interleave(group_size, 0), position.repeat_interleave(group_size, 0)
+            past = self._repeat_cache(past, group_size)
+        n = last.shape[0]
         finished = torch.zeros(n, dtype=torch.bool, device=prompt.device)
         ans_state = torch.zeros_like(last)
         steps, sampled = [], []
@@ -645,15 +685,24 @@ class R2ec(SequentialRecommender):
                 break
         return torch.stack(steps, dim=1), torch.stack(sampled, dim=1), ans_state
 
-    def forward_with_reasoning(self, prompt, reasoning):
+    def forward_with_reasoning(self, prompt, reasoning, group_size=1):
         """One forward (with grad) over prompt + reasoning: states at [ANS] (h_u) and the log-probabilities the LM
-        head gives each reasoning token (reasoning-vocabulary softmax, as sampled), and all states."""
-        tokens = torch.cat([prompt, reasoning], dim=1)
-        hidden, _ = self._run(tokens)
-        p = prompt.shape[1]
-        ans_col = p + (reasoning == ANS).long().argmax(dim=1)
-        h_u = hidden[torch.arange(len(tokens), device=tokens.device), ans_col]
-        logits = self._reason_logits(hidden[:, p - 1: -1])
+        head gives each reasoning token (reasoning-vocabulary softmax, as sampled), and all states.
+        `group_size` K: reasoning has K rows per prompt row (grouped per prompt). When `_shares_prompts`, the prompt
+        is run once and its keys/values repeated K times (the gradient reaches the prompt through all K): the same
+        numbers as K copies of the prompt for K times less prompt compute; the states are then not returned (None)."""
+        if group_size > 1 and self._shares_prompts():
+            prompt_hidden, past = self._run(prompt)
+            start = self._backbone_length(prompt).repeat_interleave(group_size, 0)
+            reason_hidden, _ = self._run(reasoning, self._repeat_cache(past, group_size), start)
+            states = torch.cat([prompt_hidden[:, -1:].repeat_interleave(group_size, 0), reason_hidden], dim=1)
+            hidden = None
+        else:
+            hidden, _ = self._run(torch.cat([prompt.repeat_interleave(group_size, 0), reasoning], dim=1))
+            states = hidden[:, prompt.shape[1] - 1:]  # the [THINK] column, then the reasoning columns
+        ans_col = 1 + (reasoning == ANS).long().argmax(dim=1)
+        h_u = states[torch.arange(len(reasoning), device=reasoning.device), ans_col]
+        logits = self._reason_logits(states[:, :-1])  # each reasoning token predicted from the column before it
         token_logp = torch.log_softmax(logits, dim=-1).gather(-1, reasoning[..., None]).squeeze(-1)
         token_logp = token_logp.masked_fill(reasoning == PAD, 0.0)
         return h_u, token_logp, hidden
@@ -721,9 +770,11 @@ class R2ec(SequentialRecommender):
         """One RecPO step (spec section 2): returns (token loss, item loss) and scalars to log."""
         targets = interaction[self.POS_ITEM_ID]
         b, k = len(targets), self.group_size
-        prompt = self.user_prompt(interaction).repeat_interleave(k, dim=0)
-        reasoning, sampled, _ = self.generate_reasoning(prompt, self.gen_temperature, self.gen_top_k, self.gen_top_p)
-        h_u, token_logp, _ = self.forward_with_reasoning(prompt, reasoning)
+        prompt = self.user_prompt(interaction)  # K rollouts per user share one prompt forward (`_shares_prompts`)
+        reasoning, sampled, _ = self.generate_reasoning(
+            prompt, self.gen_temperature, self.gen_top_k, self.gen_top_p, group_size=k
+        )
+        h_u, token_logp, _ = self.forward_with_reasoning(prompt, reasoning, group_size=k)
         with torch.no_grad():
             scores = self.rec_head(h_u.detach(), self.item_table).masked_fill(
                 self._history_mask(interaction, b * k), float("-inf")
@@ -748,6 +799,7 @@ class R2ec(SequentialRecommender):
         )
         stats = {
             "reward": rewards.mean().item(),
+            "advantage_abs_mean": advantages.abs().mean().item(),  # NaN / inf here stops RecPO, naming it
             "reward_best": rewards.max(dim=1).values.mean().item(),
             "reasoning_len": sampled.float().sum(dim=1).mean().item(),
             "stopped_at_ans": ((reasoning == ANS) & sampled).any(dim=1).float().mean().item(),
@@ -807,6 +859,25 @@ class R2ec(SequentialRecommender):
             })
         self.train(was_training)
         return out
+
+    # -- reasoning length at evaluation (recbole_reason.depth_study) -------------------------------------------------
+    reasoning_depth_key = "r2ec_max_reason_len"
+
+    def set_reasoning_depth(self, value):
+        """Generate at most `value` reasoning tokens before [ANS] at evaluation, without retraining; returns the
+        previous budget. 0 answers right after [THINK] (no reasoning). The tiny backbone's position table is sized
+        for the trained budget: a longer one would reuse its last position, so it is refused."""
+        limit = None
+        if isinstance(self.backbone, TinyCausalLM):
+            limit = self.backbone.max_positions - max(self.max_prompt_len, self.item_prompt.shape[1]) - 2
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0 or (limit is not None and value > limit):
+            raise ValueError(
+                f"r2ec_max_reason_len (the reasoning length) must be an integer in [0, {limit}] for this model (its "
+                f"position table holds {limit} reasoning tokens), got {value!r}."
+                if limit is not None else f"r2ec_max_reason_len (the reasoning length) must be an integer >= 0, got {value!r}."
+            )
+        previous, self.max_reason_len = self.max_reason_len, value
+        return previous
 
 
 def item_title(dataset, item):

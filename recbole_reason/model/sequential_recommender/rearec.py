@@ -122,7 +122,9 @@ class ReaRec(SequentialRecommender):
 
     def _reasoning_token(self, previous_output, step, noise=None):
         """h0_{n+k} = hL_{n+k-1} + pR_k (+ RCL noise), then the shared input LN and dropout. No item position emb."""
-        token = previous_output if self.mode == "naive" else previous_output + self.reason_position_embedding[step]
+        # Steps beyond the trained K (set_reasoning_depth) reuse the last learned RPE: there is none for them.
+        rpe = self.reason_position_embedding[min(step, self.reason_position_embedding.size(0) - 1)]
+        token = previous_output if self.mode == "naive" else previous_output + rpe
         if noise is not None:
             token = token + noise
         return self.input_dropout(self.LayerNorm(token))
@@ -235,3 +237,19 @@ class ReaRec(SequentialRecommender):
 
     def full_sort_predict(self, interaction):
         return self._logits(self.user_representation(interaction), self.temperature)
+
+    # -- reasoning depth at evaluation (recbole_reason.depth_study) ----------------------------------------------
+    reasoning_depth_key = "reason_step"
+
+    def set_reasoning_depth(self, value):
+        """Run K' reasoning steps instead of the trained K, without retraining; returns the previous K'.
+        K' = 0 is the backbone alone (r_0: SASRec); K' > K reuses the last learned RPE for the extra steps."""
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"ReaRec: reason_step (the reasoning depth) must be an integer >= 0 (0 = backbone only), got {value!r}")
+        if value > 0 and self.reason_position_embedding.size(0) == 0:
+            raise ValueError(
+                f"ReaRec: this model was trained with reason_step = 0 and has no reasoning position embedding, so it "
+                f"only runs at depth 0, got {value}. Train with reason_step >= 1 to study depths."
+            )
+        previous, self.reason_step = self.reason_step, value
+        return previous

@@ -16,13 +16,15 @@ training items) are the post-training stage of `REG4RecTrainer`; their rewards l
 Vocabulary: PAD=0, BOS=1, EOS=2, SEP=3, then token j of codebook r = 4 + r*D + j (the token carries its codebook).
 """
 
+from logging import getLogger
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
 
-from recbole_reason.data.mpq_tokenizer import TokenizerSettings
+from recbole_reason.data.mpq_tokenizer import TokenizerSettings, check_tokenizer_inputs
 
 PAD, BOS, EOS, SEP = 0, 1, 2, 3
 N_SPECIAL = 4
@@ -95,12 +97,62 @@ def corp_consistency(path_cats):
     return torch.where(n_known > 0, mode / n_known.clamp(min=1), torch.ones_like(mode))
 
 
+def corp_consistency_after(parent_cats, new_cats):
+    """`corp_consistency` of every one-token extension of a path, without building the extended paths: parent_cats
+    [..., s] are a path's token categories, new_cats [..., D] those of the D candidate next tokens; returns [..., D].
+    The mode count of an extension is max(parent mode, count of the new category in the parent + 1), so the
+    result equals corp_consistency(cat([parent, new])) exactly (integer counts, one float division)."""
+    known = parent_cats > 0
+    agree = (parent_cats.unsqueeze(-1) == parent_cats.unsqueeze(-2)) & known.unsqueeze(-1) & known.unsqueeze(-2)
+    parent_mode = agree.sum(-1).max(-1, keepdim=True).values if parent_cats.size(-1) else known.sum(-1, keepdim=True)
+    new_known = new_cats > 0
+    new_count = ((parent_cats.unsqueeze(-2) == new_cats.unsqueeze(-1)) & known.unsqueeze(-2)).sum(-1) + 1
+    mode = torch.where(new_known, torch.maximum(parent_mode, new_count), parent_mode).float()
+    n_known = (known.sum(-1, keepdim=True) + new_known.long()).float()
+    return torch.where(n_known > 0, mode / n_known.clamp(min=1), torch.ones_like(mode))
+
+
+class DecodingCache:
+    """What the decoder has already computed while prefixes grow one token per step (beam search, PARS rollouts):
+    the cross-attention keys/values of the encoder memory, projected once per user and shared by its w prefixes,
+    and the self-attention keys/values of every prefix position but the newest, [B, w, heads, s, head] per layer.
+    `REG4Rec.beam_logits(prefixes, cache, padding)` then runs only the newest token of each prefix; `reorder`
+    follows the beams that survived a step. Same outputs as re-running the decoder over the whole prefixes."""
+
+    def __init__(self, model, memory, memory_padding):
+        B, T, _ = memory.shape
+        self.heads = model.n_heads
+        self.cross = []
+        for layer in model.decoder.layers:
+            attention = layer.multihead_attn
+            _, w_k, w_v = attention.in_proj_weight.chunk(3)
+            _, b_k, b_v = attention.in_proj_bias.chunk(3)
+            self.cross.append((self.split(F.linear(memory, w_k, b_k)), self.split(F.linear(memory, w_v, b_v))))
+        # additive key bias [B, 1, 1, T]: -inf on padded history tokens, as memory_key_padding_mask
+        self.memory_bias = torch.zeros(B, 1, 1, T, dtype=memory.dtype, device=memory.device).masked_fill(
+            memory_padding.view(B, 1, 1, T), float("-inf"))
+        self.past = None  # per layer (key, value) [B, w, heads, s, head]
+        self.length = 0
+
+    def split(self, x):  # [B, T, d] -> [B, heads, T, head]
+        return x.view(x.size(0), x.size(1), self.heads, -1).transpose(1, 2)
+
+    def reorder(self, parent):
+        """parent [B, k]: the prefix each of the k surviving beams extends."""
+        if self.past is None:
+            return
+        index = parent.view(*parent.shape, 1, 1, 1)
+        self.past = [tuple(x.gather(1, index.expand(-1, -1, *x.shape[2:])) for x in kv) for kv in self.past]
+
+
 class REG4Rec(SequentialRecommender):
     input_type = InputType.POINTWISE
 
     def __init__(self, config, dataset):
         super().__init__(config, dataset)
         tokenizer = TokenizerSettings.from_config(config)  # validates every mpq_* key
+        # item features / ID-model fallback and token capacity: fail here, before the trainer writes anything
+        check_tokenizer_inputs(tokenizer, dataset, getLogger())
         self.M, self.D = tokenizer.num_codebooks, tokenizer.codebook_size
         self.vocab_size = N_SPECIAL + self.M * self.D
 
@@ -136,7 +188,7 @@ class REG4Rec(SequentialRecommender):
         self.logit_temperature = None if temperature is None else float(temperature)
 
         self.beam_size = positive("beam_size", 50)
-        max_k = max(config["topk"]) if config["topk"] else 0
+        max_k = self.max_topk = max(config["topk"]) if config["topk"] else 0
         if self.beam_size < max_k:
             raise ValueError(
                 f"beam_size must be >= the largest evaluated top-k ({max_k}), got {self.beam_size}: "
@@ -195,6 +247,7 @@ class REG4Rec(SequentialRecommender):
         token_codebook[N_SPECIAL:] = torch.arange(self.M).repeat_interleave(self.D)
         self.register_buffer("token_codebook", token_codebook, persistent=False)
         self._posting_key, self._posting = None, None
+        self._tables_key, self._tables = None, None
         self.apply(self._init_weights)
 
     @staticmethod
@@ -244,6 +297,30 @@ class REG4Rec(SequentialRecommender):
             self._posting, self._posting_key = posting, key
         return self._posting
 
+    def decoding_tables(self):
+        """The constraint structure of decoding, built once per item-token table (not per batch or step):
+        posting lists [V, P] (ascending item ids carrying each token, 0-padded; P = the longest list), each item's
+        vocab tokens [n_items, M] (PAD for the padding item) and the tokens some item carries [V]. A partial path's
+        still-possible items are then a short id list (its first token's posting list, filtered by every later
+        token), not a bitset over the whole catalogue."""
+        key = (self.item2tokens.data_ptr(), int(self.item2tokens.sum()))
+        if self._tables_key != key:
+            device = self.item2tokens.device
+            item_tokens = self.item_vocab_tokens(torch.arange(self.n_items, device=device))
+            pairs = item_tokens[1:].reshape(-1)
+            owners = torch.arange(1, self.n_items, device=device).repeat_interleave(self.M)
+            real = pairs != PAD
+            pairs, owners = pairs[real], owners[real]
+            order = torch.argsort(pairs * self.n_items + owners)  # by token, then by item
+            pairs, owners = pairs[order], owners[order]
+            counts = torch.bincount(pairs, minlength=self.vocab_size)
+            starts = torch.cumsum(counts, 0) - counts
+            slot = torch.arange(len(pairs), device=device) - starts[pairs]
+            lists = torch.zeros(self.vocab_size, max(int(counts.max()), 1), dtype=torch.long, device=device)
+            lists[pairs, slot] = owners
+            self._tables, self._tables_key = (lists, item_tokens, counts > 0), key
+        return self._tables
+
     # -- encoder / decoder ----------------------------------------------------------------------------------
     def encode(self, item_seq, item_seq_len):
         """History -> memory [B, T, d] and its padding mask. Token level: `<SEP> t_1..t_M` per item."""
@@ -270,25 +347,71 @@ class REG4Rec(SequentialRecommender):
         h = self.token_embedding(decoder_input) + self.step_embedding(torch.arange(s, device=decoder_input.device))
         causal = torch.triu(torch.ones(s, s, dtype=torch.bool, device=h.device), 1)
         h = self.decoder(self.input_dropout(h), memory, tgt_mask=causal, memory_key_padding_mask=memory_padding)
-        h = self.output_norm(h[:, -1:] if last_only else h)
+        return self.vocab_logits(self.output_norm(h[:, -1:] if last_only else h))
+
+    def vocab_logits(self, h):
+        """Tied output projection of normalised decoder states: dot product, or cosine / temperature."""
         if self.logit_temperature is None:
             return h @ self.token_embedding.weight.t()
         return F.normalize(h, dim=-1) @ F.normalize(self.token_embedding.weight, dim=-1).t() / self.logit_temperature
 
     def beam_logits(self, prefixes, memory, memory_padding):
         """Last-position logits [B, w, V] for w prefixes [B, w, s] per user (beams, or rollouts of one context).
-        The w prefixes of a user are laid side by side in one decoder sequence with a block-diagonal causal mask:
-        the same result as w separate sequences, but the user's memory is projected once, not w times."""
+        `memory` is a `DecodingCache` when decoding step by step: only the newest token of each prefix is run
+        (`cached_beam_logits`). Otherwise the w prefixes of a user are laid side by side in one decoder sequence
+        with a block-diagonal causal mask: the same result as w separate sequences, the memory projected once."""
+        if isinstance(memory, DecodingCache):
+            return self.cached_beam_logits(prefixes, memory)
+        return self.grouped_logits(prefixes, memory, memory_padding, last_only=True)
+
+    def grouped_logits(self, prefixes, memory, memory_padding, last_only=False):
+        """Logits [B, w, s, V] (last_only: [B, w, V]) of w decoder inputs [B, w, s] per user, laid side by side in
+        one decoder sequence with a block-diagonal causal mask: the same as w separate sequences over the user's
+        memory, whose cross-attention keys/values are then projected once instead of w times."""
         B, w, s = prefixes.shape
         steps = torch.arange(s, device=prefixes.device)
         h = (self.token_embedding(prefixes) + self.step_embedding(steps)).reshape(B, w * s, -1)
         block, position = torch.arange(w, device=h.device).repeat_interleave(s), steps.repeat(w)
         blocked = (block.unsqueeze(1) != block.unsqueeze(0)) | (position.unsqueeze(0) > position.unsqueeze(1))
         h = self.decoder(self.input_dropout(h), memory, tgt_mask=blocked, memory_key_padding_mask=memory_padding)
-        h = self.output_norm(h.reshape(B, w, s, -1)[:, :, -1])
-        if self.logit_temperature is None:
-            return h @ self.token_embedding.weight.t()
-        return F.normalize(h, dim=-1) @ F.normalize(self.token_embedding.weight, dim=-1).t() / self.logit_temperature
+        h = h.reshape(B, w, s, -1)
+        return self.vocab_logits(self.output_norm(h[:, :, -1] if last_only else h))
+
+    def cached_beam_logits(self, prefixes, cache):
+        """`beam_logits` from a `DecodingCache` holding the keys/values of prefixes[..., :-1]: each pre-LN decoder
+        layer (`nn.TransformerDecoderLayer`, norm_first) is applied to the newest token only, with its own
+        weights, and the cache grows by that token. Cost per step: w tokens per user instead of w * s."""
+        B, w, s = prefixes.shape
+        if cache.length != s - 1:
+            raise RuntimeError(f"the decoding cache holds {cache.length} positions, the prefixes need {s - 1}")
+        heads, d = self.n_heads, self.d_model
+        h = self.token_embedding(prefixes[:, :, -1]) + self.step_embedding.weight[s - 1]
+        h = self.input_dropout(h)  # [B, w, d]
+        present = []
+        for index, layer in enumerate(self.decoder.layers):
+            # self-attention: the newest token of each prefix over that prefix's positions (causal by construction)
+            attention = layer.self_attn
+            q, k, v = F.linear(layer.norm1(h), attention.in_proj_weight, attention.in_proj_bias).chunk(3, dim=-1)
+            q, k, v = (x.reshape(B * w, 1, heads, -1).transpose(1, 2) for x in (q, k, v))  # [B*w, heads, 1, head]
+            k, v = k.view(B, w, heads, 1, -1), v.view(B, w, heads, 1, -1)
+            if cache.past is not None:
+                k = torch.cat([cache.past[index][0], k], dim=3)
+                v = torch.cat([cache.past[index][1], v], dim=3)
+            present.append((k, v))
+            dropout = attention.dropout if self.training else 0.0
+            a = F.scaled_dot_product_attention(q, k.flatten(0, 1), v.flatten(0, 1), dropout_p=dropout)
+            h = h + layer.dropout1(attention.out_proj(a.transpose(1, 2).reshape(B, w, d)))
+            # cross-attention: the w prefixes of a user share its memory keys/values
+            attention = layer.multihead_attn
+            w_q, b_q = attention.in_proj_weight[:d], attention.in_proj_bias[:d]
+            q = F.linear(layer.norm2(h), w_q, b_q).view(B, w, heads, -1).transpose(1, 2)  # [B, heads, w, head]
+            key, value = cache.cross[index]
+            dropout = attention.dropout if self.training else 0.0
+            a = F.scaled_dot_product_attention(q, key, value, attn_mask=cache.memory_bias, dropout_p=dropout)
+            h = h + layer.dropout2(attention.out_proj(a.transpose(1, 2).reshape(B, w, d)))
+            h = h + layer._ff_block(layer.norm3(h))
+        cache.past, cache.length = present, s
+        return self.vocab_logits(self.output_norm(h))
 
     def codebook_mask(self, used):
         """used [..., M] bool -> [..., V] bool: tokens of the codebooks not yet used (specials never)."""
@@ -344,31 +467,53 @@ class REG4Rec(SequentialRecommender):
         return loss
 
     # -- constrained decoding ------------------------------------------------------------------------------
-    def _valid_tokens(self, candidates, step):
-        """candidates [N, n_items] bool -> [N, V] bool: tokens some still-possible item carries (posting intersection)."""
-        posting = self.posting()
-        if step == 0:
-            return posting.any(1).unsqueeze(0).expand(candidates.size(0), -1)
-        rows, items = candidates.nonzero(as_tuple=True)
-        valid = torch.zeros(candidates.size(0), self.vocab_size, dtype=torch.bool, device=candidates.device)
-        tokens = self.item_vocab_tokens(items)
-        valid[rows.unsqueeze(1).expand_as(tokens), tokens] = True
+    # A partial path's still-possible items are an id list [N, P] (0 = empty slot), or None at the root (every
+    # item with tokens): its first token's posting list, filtered by each later token (`decoding_tables`).
+    # The tables are looked up once per search and passed down: checking them costs a reduction over the token
+    # table (and a host sync on a GPU), not worth paying at every step.
+    def _valid_tokens(self, candidates, n, tables):
+        """[n, V] bool: tokens some still-possible item carries (the union of the candidates' token sets)."""
+        _, item_tokens, in_use = tables
+        if candidates is None:
+            return in_use.unsqueeze(0).expand(n, -1)
+        valid = torch.zeros(n, self.vocab_size, dtype=torch.bool, device=candidates.device)
+        valid.scatter_(1, item_tokens[candidates].flatten(1), True)  # empty slots are item 0, whose tokens are PAD
         valid[:, PAD] = False
         return valid
 
-    def _crss_step(self, logits, used, candidates, step):
-        """One CRSS step under the validity constraint: (step log-probs [N, V], chosen codebook [N], its mask [N, V]).
-        The chosen codebook is the remaining one whose best valid token is most probable."""
-        allowed = self.codebook_mask(used) & self._valid_tokens(candidates, step)
-        logp = self.masked_log_softmax(logits, self.codebook_mask(used)).masked_fill(~allowed, float("-inf"))
-        best = logp[:, N_SPECIAL:].reshape(-1, self.M, self.D).max(-1).values
-        codebook = best.argmax(-1)
-        step_mask = allowed & (self.token_codebook.unsqueeze(0) == codebook.unsqueeze(1))
-        return logp, codebook, step_mask
+    def _extend_candidates(self, candidates, token, tables):
+        """Candidates [..., P] (None = all) after appending `token` [...]: those carrying it, still in ascending
+        order, trimmed to the longest remaining list."""
+        lists, item_tokens, _ = tables
+        if candidates is None:
+            return lists[token]
+        codebook = ((token - N_SPECIAL) // self.D).unsqueeze(-1).expand_as(candidates)
+        kept = torch.where(item_tokens[candidates, codebook] == token.unsqueeze(-1), candidates, 0)
+        kept = kept.gather(-1, torch.sort((kept == 0).to(torch.uint8), dim=-1, stable=True).indices)  # items first
+        return kept[..., : max(int((kept > 0).sum(-1).max()), 1)]
+
+    def _crss_choice(self, logits, used, valid):
+        """One CRSS step under the validity constraint `valid` [N, V]: log-probs of the allowed tokens per codebook
+        [N, M, D] (softmax over the unused codebooks' tokens, -inf where not allowed) and the chosen codebook [N]:
+        the remaining one whose best valid token is most probable."""
+        # on the [N, M, D] view of the item tokens: the special tokens are never allowed, and a codebook's mask is
+        # one flag broadcast over its D tokens instead of a [N, V] mask
+        N = logits.size(0)
+        per_codebook = logits[:, N_SPECIAL:].reshape(N, self.M, self.D).masked_fill(used.unsqueeze(-1), float("-inf"))
+        logp = torch.log_softmax(per_codebook.view(N, -1), dim=-1).view(N, self.M, self.D)
+        logp = logp.masked_fill(~valid[:, N_SPECIAL:].reshape(N, self.M, self.D), float("-inf"))
+        return logp, logp.max(-1).values.argmax(-1)
+
+    def _crss_step(self, logits, used, valid):
+        """`_crss_choice` plus the chosen codebook's token mask [N, V] (the support a rollout samples from)."""
+        _, codebook = self._crss_choice(logits, used, valid)
+        step_mask = self.codebook_mask(used) & valid & (self.token_codebook.unsqueeze(0) == codebook.unsqueeze(1))
+        return codebook, step_mask
 
     @torch.no_grad()
     def beam_search(self, item_seq, item_seq_len, beam_size=None, corp=None):
-        """Multi-path beam search over unordered tokens -> item scores [B, n_items]."""
+        """Multi-path beam search over unordered tokens -> item scores [B, n_items]. Users are decoded together in
+        chunks of `beam_chunk_size` (a memory bound only: the scores do not depend on it)."""
         self._check_tokens()
         beam_size = beam_size or self.beam_size
         corp = self.corp if corp is None else corp
@@ -382,23 +527,23 @@ class REG4Rec(SequentialRecommender):
         device = item_seq.device
         B, M, D = item_seq.size(0), self.M, self.D
         memory, padding = self.encode(item_seq, item_seq_len)
-        posting = self.posting()
-        has_tokens = posting.any(0)  # real items
+        cache = DecodingCache(self, memory, padding)  # every step runs only the newest token of each beam
+        tables = self.decoding_tables()
         # state per (user, beam); beams grow from a single root
         tokens = torch.full((B, 1, 0), BOS, dtype=torch.long, device=device)
         used = torch.zeros(B, 1, M, dtype=torch.bool, device=device)
         score = torch.zeros(B, 1, device=device)
         pruned = torch.zeros(B, 1, dtype=torch.bool, device=device)
-        candidates = has_tokens.view(1, 1, -1).expand(B, 1, -1)
+        candidates = None  # [B, w, P] still-possible items of each beam; None = every item
         out = torch.full((B, self.n_items), UNREACHED, device=device)
         for step in range(M):
             w = tokens.size(1)
             prefixes = torch.cat([torch.full((B, w, 1), BOS, dtype=torch.long, device=device), tokens], 2)
-            logits = self.beam_logits(prefixes, memory, padding).reshape(B * w, -1)
-            flat_candidates = candidates.reshape(B * w, -1)
-            logp, codebook, step_mask = self._crss_step(logits, used.reshape(B * w, M), flat_candidates, step)
-            codebook_logp = logp.masked_fill(~step_mask, float("-inf"))[:, N_SPECIAL:].reshape(B * w, M, D)
-            codebook_logp = codebook_logp[torch.arange(B * w, device=device), codebook]  # [B*w, D]
+            logits = self.beam_logits(prefixes, cache, padding).reshape(B * w, -1)
+            flat_candidates = None if candidates is None else candidates.reshape(B * w, -1)
+            valid = self._valid_tokens(flat_candidates, B * w, tables)
+            per_codebook, codebook = self._crss_choice(logits, used.reshape(B * w, M), valid)
+            codebook_logp = per_codebook[torch.arange(B * w, device=device), codebook]  # [B*w, D]
             total = (score.reshape(B * w, 1) + codebook_logp).reshape(B, w * D)
             if step == M - 1:
                 self._scatter_final(out, flat_candidates, codebook, codebook_logp, score.reshape(-1), pruned.reshape(-1), B, w)
@@ -407,27 +552,27 @@ class REG4Rec(SequentialRecommender):
             inconsistent = torch.zeros(B, w, D, dtype=torch.bool, device=device)
             if corp == "rule" and step + 1 == self.corp_step:
                 # CORP: would the path be category-consistent after this token? inconsistent ones go to the back
-                path_cats = torch.cat([self.token_cat[tokens].unsqueeze(2).expand(-1, -1, D, -1),
-                                       self.token_cat[token_ids].unsqueeze(-1)], dim=-1)
-                inconsistent = corp_consistency(path_cats) < self.corp_threshold
+                inconsistent = corp_consistency_after(self.token_cat[tokens], self.token_cat[token_ids]) < self.corp_threshold
             parent_pruned = pruned.unsqueeze(-1).expand(-1, -1, D)
             rank = total - PRUNED_OFFSET * (inconsistent | parent_pruned).reshape(B, w * D).float()
             k = min(W, w * D)
             top = rank.topk(k, dim=1).indices  # survivors first; pruned paths only refill a beam short of W
-            parent, j = top // D, top % D
+            parent = top // D
             gather = lambda x: x.gather(1, parent.view(B, k, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:]))
             new_token = token_ids.reshape(B, w * D).gather(1, top)
             tokens = torch.cat([gather(tokens), new_token.unsqueeze(-1)], dim=-1)
             used = gather(used).clone()
             used.scatter_(2, ((new_token - N_SPECIAL) // D).unsqueeze(-1), True)
-            candidates = gather(candidates) & posting[new_token]
+            candidates = self._extend_candidates(None if candidates is None else gather(candidates), new_token, tables)
+            cache.reorder(parent)
             pruned = (inconsistent | parent_pruned).reshape(B, w * D).gather(1, top)
             score = total.gather(1, top)
         return out
 
     def _scatter_final(self, out, candidates, codebook, codebook_logp, score, pruned, B, w):
         """Last token: every still-possible item completes exactly one beam; merge beams reaching the same item."""
-        rows, items = candidates.nonzero(as_tuple=True)
+        rows, slots = (candidates > 0).nonzero(as_tuple=True)  # row-major, items ascending within a row
+        items = candidates[rows, slots]
         local = self.item2tokens[items, codebook[rows]]
         path_score = score[rows] + codebook_logp[rows, local]
         keep = torch.isfinite(path_score)
@@ -452,7 +597,7 @@ class REG4Rec(SequentialRecommender):
     # -- PARS rollouts ---------------------------------------------------------------------------------------
     @torch.no_grad()
     def sample_paths(self, memory, padding, group_size=None, temperature=None):
-        """G CRSS paths per context under the validity constraint.
+        """G CRSS paths per context under the validity constraint, decoded step by step with a `DecodingCache`.
         Returns paths [N, M] vocab ids in generation order, the step masks [N, M, V] used for sampling (reused for
         the old / new / reference log-probs) and the sampling-time log-probs [N, M] (N = B * G)."""
         self._check_tokens()
@@ -460,28 +605,38 @@ class REG4Rec(SequentialRecommender):
         temperature = temperature or self.sample_temperature
         B, device = memory.size(0), memory.device
         N = B * G
-        posting = self.posting()
-        candidates = posting.any(0).unsqueeze(0).expand(N, -1)
+        cache = DecodingCache(self, memory, padding)
+        tables = self.decoding_tables()
+        candidates = None
         used = torch.zeros(N, self.M, dtype=torch.bool, device=device)
         paths = torch.full((N, 0), BOS, dtype=torch.long, device=device)
         masks, logps = [], []
         for step in range(self.M):
             prefixes = torch.cat([torch.full((N, 1), BOS, dtype=torch.long, device=device), paths], 1)
-            logits = self.beam_logits(prefixes.view(B, G, -1), memory, padding).reshape(N, -1)
-            _, codebook, step_mask = self._crss_step(logits, used, candidates, step)
+            logits = self.beam_logits(prefixes.view(B, G, -1), cache, padding).reshape(N, -1)
+            codebook, step_mask = self._crss_step(logits, used, self._valid_tokens(candidates, N, tables))
             probs = torch.softmax((logits / temperature).masked_fill(~step_mask, float("-inf")), dim=-1)
             token = torch.multinomial(probs, 1).squeeze(1)
             logps.append(self.masked_log_softmax(logits, step_mask).gather(1, token.unsqueeze(1)).squeeze(1))
             masks.append(step_mask)
             paths = torch.cat([paths, token.unsqueeze(1)], 1)
             used[torch.arange(N, device=device), codebook] = True
-            candidates = candidates & posting[token]
+            candidates = self._extend_candidates(candidates, token, tables)
         return paths, torch.stack(masks, 1), torch.stack(logps, 1)
 
     def path_log_probs(self, memory, padding, paths, masks):
-        """log pi(tau_s | x, tau_<s) [N, M] with the stored step masks (same support as at sampling)."""
+        """log pi(tau_s | x, tau_<s) [N, M] with the stored step masks (same support as at sampling).
+        memory [B, T, d] of B contexts, paths [N, M] with N = B * G: G paths per context, grouped per context as
+        `sample_paths` returns them. G > 1: the G paths of a context share one decoder sequence
+        (`grouped_logits`), so the memory is not repeated G times."""
+        N, B = paths.size(0), memory.size(0)
+        if N % B:
+            raise ValueError(f"path_log_probs: {N} paths for {B} contexts; expected G paths per context (N = B * G).")
         decoder_input = torch.cat([torch.full_like(paths[:, :1], BOS), paths[:, :-1]], 1)
-        logits = self.next_token_logits(decoder_input, memory, padding)
+        if N == B:
+            logits = self.next_token_logits(decoder_input, memory, padding)
+        else:
+            logits = self.grouped_logits(decoder_input.view(B, N // B, -1), memory, padding).flatten(0, 1)
         return self.masked_log_softmax(logits, masks).gather(2, paths.unsqueeze(-1)).squeeze(-1)
 
     def path_items(self, paths):
@@ -489,3 +644,17 @@ class REG4Rec(SequentialRecommender):
         posting = self.posting()
         hit = posting[paths].all(1)  # [N, n_items]
         return torch.where(hit.any(1), hit.float().argmax(1), torch.zeros(paths.size(0), dtype=torch.long, device=paths.device))
+
+    # -- number of reasoning paths at evaluation (recbole_reason.depth_study) --------------------------------------
+    reasoning_depth_key = "beam_size"
+
+    def set_reasoning_depth(self, value):
+        """Decode with `value` beams (reasoning paths) instead of the trained beam_size, without retraining; returns
+        the previous width. It must stay >= the largest evaluated top-k, or Recall@K would be capped by the beam."""
+        if isinstance(value, bool) or not isinstance(value, int) or value < max(1, self.max_topk):
+            raise ValueError(
+                f"beam_size (the number of reasoning paths) must be an integer >= the largest evaluated top-k "
+                f"({self.max_topk}), got {value!r}."
+            )
+        previous, self.beam_size = self.beam_size, value
+        return previous

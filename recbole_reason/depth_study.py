@@ -1,0 +1,308 @@
+"""Reasoning-depth study: one trained model evaluated at several reasoning depths, without retraining.
+
+    from recbole_reason.depth_study import depth_study
+    depth_study(checkpoints=["saved/ReaRec-Nov-23-2026_10-00-00.pth"], depths=[0, 1, 2, 3, 4], out_dir="depth")
+    depth_study(model="LARES", dataset="ml-100k", depths=[1, 2, 4, 8])       # no checkpoint: trains one first
+
+The depth knob of each model (its `reasoning_depth_key`, set through `set_reasoning_depth`):
+    ReaRec   reason_step            K' reasoning steps (0 = the backbone alone; beyond the trained K the last RPE is reused)
+    LARES    test_recurrence        latent reasoning steps T of the shared core block
+    R2ec     r2ec_max_reason_len    reasoning tokens generated before [ANS] (0 = no reasoning)
+    REG4Rec  beam_size              reasoning paths of the beam search (>= the largest top-k)
+A checkpoint is rebuilt with the config stored in it (same dataset, split and seed) and its weights; every depth
+is evaluated by the model's RecBole trainer on the same split. Outputs in `out_dir`: `depth_study.md`, `.csv`,
+`.jsonl` and `depth_study.svg` (the chosen metric against depth, one line per checkpoint; the trained depth is
+the ringed point). Each depth's metrics also go to TensorBoard as `depth_study/<label>/<metric>`, depth as step.
+"""
+
+import json
+import logging
+import math
+import os
+
+import torch
+
+from recbole_reason.compat import load_checkpoint
+
+OUT_STEM = "depth_study"
+SPLITS = ("test", "valid")
+
+
+def supports_depth(model_class):
+    return hasattr(model_class, "set_reasoning_depth") and hasattr(model_class, "reasoning_depth_key")
+
+
+def _no_depth_error(name):
+    from recbole_reason.utils import get_model, plugin_model_names
+
+    with_depth = [m for m in plugin_model_names() if supports_depth(get_model(m))]
+    return ValueError(
+        f"{name} has no reasoning depth to vary (no set_reasoning_depth). Models with one: "
+        + ", ".join(f"{m} ({get_model(m).reasoning_depth_key})" for m in with_depth)
+    )
+
+
+def default_depths(model, config):
+    """Depths below, at and beyond the trained one, when none are given."""
+    key, trained = model.reasoning_depth_key, current_depth(model)
+    if key == "reason_step":
+        return list(range(0, trained + 3)) if trained > 0 else [0]
+    if key == "test_recurrence":
+        return sorted({*(config["depth_scaling_recurrences"] or []), 1, trained, 2 * trained})
+    if key == "r2ec_max_reason_len":
+        return list(range(0, trained + 1)) if trained <= 8 else sorted({0, trained // 4, trained // 2, trained})
+    return sorted({max(model.max_topk, 1), trained, 2 * trained})  # beam_size
+
+
+def _parse_depths(depths):
+    if depths is None:
+        return None
+    if isinstance(depths, str):
+        depths = [d for d in depths.replace(",", " ").split() if d]
+    out = []
+    for depth in depths:
+        try:
+            number = float(depth)
+        except (TypeError, ValueError):
+            number = math.nan
+        if not number.is_integer():
+            raise ValueError(f"depths must be integers, got {depth!r} in {depths}")
+        out.append(int(number))
+    if not out:
+        raise ValueError("depths is empty: give at least one depth, or None for the model's defaults")
+    return list(dict.fromkeys(out))
+
+
+def _load_for_evaluation(checkpoint_file, config_dict):
+    """Config, eval loaders, model (weights loaded) and trainer of a checkpoint, on this machine's device."""
+    from recbole.data import data_preparation
+    from recbole.utils import init_logger, init_seed
+
+    from recbole_reason.utils import create_dataset, get_model, get_trainer
+
+    if not os.path.isfile(checkpoint_file):
+        raise FileNotFoundError(f"checkpoint {checkpoint_file} does not exist (a .pth file written by a training run).")
+    checkpoint = load_checkpoint(checkpoint_file, map_location="cpu")
+    config = checkpoint.get("config")
+    if config is None:
+        raise ValueError(f"{checkpoint_file} holds no RecBole config: pass a checkpoint saved by a training run.")
+    model_class = get_model(config["model"])
+    if not supports_depth(model_class):
+        raise _no_depth_error(config["model"])
+    for key, value in (config_dict or {}).items():  # evaluation-side settings: data_path, eval_batch_size, ...
+        config[key] = value
+    if config["device"].type == "cuda" and not torch.cuda.is_available():
+        config["device"] = torch.device("cpu")
+    init_seed(config["seed"], config["reproducibility"])
+    # RecBole's init_logger is a no-op once the root logger has handlers (logging.basicConfig): drop them, so that
+    # the study gets its own log file and TensorBoard folder rather than writing into an earlier run's.
+    root = logging.getLogger()
+    for handler in root.handlers[:]:
+        root.removeHandler(handler)
+        handler.close()
+    init_logger(config)
+    dataset = create_dataset(config)
+    train_data, valid_data, test_data = data_preparation(config, dataset)
+    init_seed(config["seed"], config["reproducibility"])
+    model = model_class(config, train_data._dataset).to(config["device"])
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    return config, {"test": test_data, "valid": valid_data}, model, trainer
+
+
+def depth_study(checkpoints=None, model=None, dataset=None, depths=None, config_file_list=None, config_dict=None,
+                out_dir="depth_study", split="test", metric=None, labels=None, show_progress=None):
+    """Evaluate every checkpoint at every depth; write the table, the SVG plot and the JSONL to `out_dir`.
+
+    checkpoints: trained .pth files (several = several lines in the plot). None: train `model` on `dataset` first
+    (with config_file_list / config_dict) and study that checkpoint. config_dict is applied on top of each
+    checkpoint's stored config (e.g. data_path, eval_batch_size). depths: ints, or None for `default_depths`.
+    metric: the plotted metric (default: the config's valid_metric). Returns {'rows', 'files'}."""
+    from recbole.utils import set_color
+    from tqdm import tqdm
+
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    depths = _parse_depths(depths)
+    checkpoints = [checkpoints] if isinstance(checkpoints, str) else list(checkpoints or [])
+    if not checkpoints:
+        checkpoints = [_train_first(model, dataset, config_file_list, config_dict)]
+        config_dict = None  # the run's own settings are in its checkpoint
+    labels = list(labels) if labels else _default_labels(checkpoints)
+    if len(labels) != len(checkpoints):
+        raise ValueError(f"labels: one per checkpoint, got {len(labels)} labels for {len(checkpoints)} checkpoints")
+
+    rows = []
+    for checkpoint_file, label in zip(checkpoints, labels):
+        config, loaders, net, trainer = _load_for_evaluation(checkpoint_file, config_dict)
+        progress = bool(config["show_progress"]) if show_progress is None else show_progress
+        trained = current_depth(net)
+        wanted = depths or default_depths(net, config)
+        for depth in wanted:  # every depth is validated before any evaluation runs
+            net.set_reasoning_depth(depth)
+        net.set_reasoning_depth(trained)
+        eval_data = loaders[split]
+        trainer.tensorboard.add_text("stage/transition", f"depth study of {label}: {net.reasoning_depth_key} in {wanted}", 0)
+        results = {trained: trainer.evaluate(eval_data, load_best_model=True, model_file=checkpoint_file)}
+        try:
+            for depth in tqdm(wanted, desc=f"depth study {label}", unit="depth", disable=not progress):
+                if depth not in results:
+                    net.set_reasoning_depth(depth)
+                    results[depth] = trainer.evaluate(eval_data, load_best_model=False, show_progress=False)
+        finally:
+            net.set_reasoning_depth(trained)
+        for depth in wanted:
+            result = {k: float(v) for k, v in results[depth].items()}
+            for name, value in result.items():
+                trainer.tensorboard.add_scalar(f"depth_study/{label}/{name}", value, depth)
+            trainer.logger.info(set_color(f"{label} at {net.reasoning_depth_key}={depth}", "yellow") + f": {result}")
+            rows.append({"label": label, "checkpoint": os.path.abspath(checkpoint_file), "model": config["model"],
+                         "dataset": config["dataset"], "split": split, "depth_key": net.reasoning_depth_key,
+                         "depth": depth, "trained_depth": trained, "metrics": result,
+                         "valid_metric": str(config["valid_metric"]).lower()})
+        trainer.tensorboard.flush()
+        del net, trainer, loaders
+
+    metric = (metric or rows[0]["valid_metric"]).lower()
+    if any(metric not in row["metrics"] for row in rows):
+        raise ValueError(f"metric {metric!r} is not among the evaluated metrics {sorted(rows[0]['metrics'])}")
+    files = write_outputs(rows, out_dir, metric)
+    return {"rows": rows, "files": files}
+
+
+# The model attribute that holds each depth knob's value.
+DEPTH_ATTRIBUTES = {"reason_step": "reason_step", "test_recurrence": "test_recurrence",
+                    "r2ec_max_reason_len": "max_reason_len", "beam_size": "beam_size"}
+
+
+def current_depth(model):
+    return int(getattr(model, DEPTH_ATTRIBUTES[model.reasoning_depth_key]))
+
+
+def _default_labels(checkpoints):
+    stems = [os.path.splitext(os.path.basename(path))[0] for path in checkpoints]
+    return stems if len(set(stems)) == len(stems) else [f"{i + 1}: {stem}" for i, stem in enumerate(stems)]
+
+
+def _train_first(model, dataset, config_file_list, config_dict):
+    from recbole_reason.quick_start import run_recbole_reason
+    from recbole_reason.utils import get_model
+
+    if not model or not dataset:
+        raise ValueError("depth study: pass trained checkpoints, or a model and a dataset to train one first.")
+    if not supports_depth(get_model(model)):  # before any training time is spent
+        raise _no_depth_error(model)
+    result = run_recbole_reason(model, dataset, config_file_list=config_file_list, config_dict=config_dict, saved=True)
+    return result["saved_model_file"]
+
+
+# -- outputs -----------------------------------------------------------------------------------------------------
+def write_outputs(rows, out_dir, metric):
+    os.makedirs(out_dir, exist_ok=True)
+    files = {ext: os.path.join(out_dir, f"{OUT_STEM}.{ext}") for ext in ("md", "csv", "jsonl", "svg")}
+    metrics = list(dict.fromkeys(name for row in rows for name in row["metrics"]))
+    with open(files["jsonl"], "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+    lines = [f"## Reasoning-depth study ({rows[0]['split']} split)", "",
+             "Each model is evaluated at every depth with its trained weights (no retraining); "
+             "(trained) marks the depth it was trained / configured with.", "",
+             "| model | depth knob | depth | " + " | ".join(metrics) + " |", "|---|---|---:|" + "---:|" * len(metrics)]
+    for row in rows:
+        depth = f"{row['depth']}" + (" (trained)" if row["depth"] == row["trained_depth"] else "")
+        lines.append(f"| {row['label']} ({row['model']}, {row['dataset']}) | {row['depth_key']} | {depth} | "
+                     + " | ".join(f"{row['metrics'][m]:.4f}" for m in metrics) + " |")
+    with open(files["md"], "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    import csv
+
+    with open(files["csv"], "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["label", "model", "dataset", "split", "checkpoint", "depth_key", "depth", "trained_depth"] + metrics)
+        for row in rows:
+            writer.writerow([row["label"], row["model"], row["dataset"], row["split"], row["checkpoint"],
+                             row["depth_key"], row["depth"], row["trained_depth"]] + [row["metrics"][m] for m in metrics])
+    series = {}
+    for row in rows:
+        series.setdefault(row["label"], {"points": [], "marked": row["trained_depth"]})["points"].append(
+            (row["depth"], row["metrics"][metric]))
+    keys = sorted({row["depth_key"] for row in rows})
+    with open(files["svg"], "w", encoding="utf-8") as f:
+        f.write(svg_line_plot(series, x_label=" / ".join(keys), y_label=metric,
+                              title=f"{metric} against reasoning depth ({rows[0]['split']})"))
+    return files
+
+
+# -- a small self-contained SVG line plot (no plotting library is a dependency) -----------------------------------------
+COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
+
+
+def nice_ticks(low, high, count=5):
+    """Round tick values (1, 2, 2.5 or 5 times a power of ten) covering [low, high]."""
+    if high <= low:  # a flat line: a band around the value
+        pad = abs(low) * 0.1 or 0.5
+        low, high = low - pad, low + pad
+    raw = (high - low) / max(count - 1, 1)
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw)
+    first = math.floor(low / step) * step
+    ticks = [first + i * step for i in range(int(math.ceil((high - first) / step - 1e-9)) + 1)]
+    return [round(t, 12) for t in ticks]
+
+
+def _escape(text):
+    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
+
+
+def svg_line_plot(series, x_label, y_label, title, plot_w=460, plot_h=300):
+    """series: {name: {'points': [(x, y), ...], 'marked': x or None}} -> an SVG document with axes, ticks,
+    one polyline per series with point markers, a ring at each series' marked x, and a legend."""
+    left, top, bottom = 70, 40, 55
+    right = 60 + 7 * max(len(str(name)) for name in series)  # room for the longest legend entry
+    width, height = left + plot_w + right, top + plot_h + bottom
+    xs = [x for s in series.values() for x, _ in s["points"]]
+    ys = [y for s in series.values() for _, y in s["points"]]
+    x_ticks = sorted(set(xs)) if len(set(xs)) <= 12 else nice_ticks(min(xs), max(xs))
+    y_ticks = nice_ticks(min(ys), max(ys))
+    x0, x1 = min(x_ticks + xs), max(x_ticks + xs)
+    y0, y1 = min(y_ticks), max(y_ticks)
+    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
+
+    def px(x):
+        return left + (x - x0) / (x1 - x0) * plot_w
+
+    def py(y):
+        return top + plot_h - (y - y0) / (y1 - y0) * plot_h
+
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+           'font-family="sans-serif" font-size="12">', f'<rect width="{width}" height="{height}" fill="white"/>',
+           f'<text x="{left + plot_w / 2:.1f}" y="22" text-anchor="middle" font-size="14">{_escape(title)}</text>',
+           f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" stroke="black"/>',
+           f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}" stroke="black"/>']
+    for x in x_ticks:
+        out.append(f'<line x1="{px(x):.1f}" y1="{top + plot_h}" x2="{px(x):.1f}" y2="{top + plot_h + 5}" stroke="black"/>'
+                   f'<text x="{px(x):.1f}" y="{top + plot_h + 18}" text-anchor="middle">{x:g}</text>')
+    for y in y_ticks:
+        out.append(f'<line x1="{left - 5}" y1="{py(y):.1f}" x2="{left}" y2="{py(y):.1f}" stroke="black"/>'
+                   f'<line x1="{left}" y1="{py(y):.1f}" x2="{left + plot_w}" y2="{py(y):.1f}" stroke="#ddd"/>'
+                   f'<text x="{left - 8}" y="{py(y) + 4:.1f}" text-anchor="end">{y:g}</text>')
+    out.append(f'<text x="{left + plot_w / 2:.1f}" y="{height - 12}" text-anchor="middle">{_escape(x_label)}</text>')
+    out.append(f'<text transform="translate(16 {top + plot_h / 2:.1f}) rotate(-90)" text-anchor="middle">'
+               f'{_escape(y_label)}</text>')
+    for index, (name, s) in enumerate(series.items()):
+        color = COLORS[index % len(COLORS)]
+        points = sorted(s["points"])
+        path = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in points)
+        out.append(f'<polyline class="series" data-name="{_escape(name)}" points="{path}" fill="none" '
+                   f'stroke="{color}" stroke-width="2"/>')
+        for x, y in points:
+            out.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{color}"/>')
+            if x == s.get("marked"):
+                out.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="7" fill="none" stroke="{color}"/>')
+        ly = top + 10 + 20 * index
+        out.append(f'<line x1="{width - right + 15}" y1="{ly}" x2="{width - right + 40}" y2="{ly}" stroke="{color}" '
+                   f'stroke-width="2"/><text x="{width - right + 45}" y="{ly + 4}">{_escape(name)}</text>')
+    if any(s.get("marked") is not None for s in series.values()):
+        ly = top + 10 + 20 * len(series)
+        out.append(f'<circle cx="{width - right + 27}" cy="{ly}" r="6" fill="none" stroke="black"/>'
+                   f'<text x="{width - right + 45}" y="{ly + 4}">trained depth</text>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
