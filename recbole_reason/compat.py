@@ -4,8 +4,9 @@
 See ../shared/specs/recbole_plugin.md section 5 for the evidence behind each fix.
 
 1. numpy >= 2 removed `np.float_`, `np.complex_` and `np.unicode_`, which `Config.compatibility_settings`
-   reads: every `Config()` raised AttributeError. We define the three names; RecBole's own shim then sets
-   the older aliases (`np.float`, `np.long`, ...) that the rest of RecBole uses.
+   reads: every `Config()` raised AttributeError. We define the three names, and the older aliases (`np.float`,
+   `np.long`, ...) that RecBole's shim sets in `Config()` and the rest of RecBole (e.g. its metrics) reads, so that
+   code evaluating without building a Config in the process works too.
 2. torch >= 2.6 loads checkpoints with `weights_only=True`, which cannot read RecBole's pickled Config.
    `load_checkpoint` reads our own (local, trusted) checkpoints with `weights_only=False`; every checkpoint read
    of the plugin goes through it, and `get_trainer` puts `checkpoint.CheckpointMixin` (which uses it) under every
@@ -34,6 +35,12 @@ _applied = False
 def _patch_numpy_aliases():
     for old_name, new_value in (("float_", np.float64), ("complex_", np.complex128), ("unicode_", np.str_)):
         if not hasattr(np, old_name):
+            setattr(np, old_name, new_value)
+    # The aliases RecBole's `Config.compatibility_settings` sets, set here too: code that runs without building a
+    # Config in the process (e.g. evaluating a checkpoint with its stored config) reads them as well.
+    for old_name, new_value in (("bool", np.bool_), ("int", np.int_), ("float", np.float64), ("complex", np.complex128),
+                                ("object", np.object_), ("str", np.str_), ("long", np.int_), ("unicode", np.str_)):
+        if old_name not in np.__dict__:
             setattr(np, old_name, new_value)
 
 

@@ -129,3 +129,20 @@ def test_recbole_models_do_not_leave_anomaly_detection_on():
         print(torch.is_anomaly_enabled())
     """)
     assert fixed.stdout.strip() == "False", fixed.stderr
+
+
+def test_numpy_aliases_hold_without_building_a_config():
+    # Evaluating a stored checkpoint (depth study) never builds a Config, so RecBole's own alias shim never runs;
+    # its metrics still read np.float.
+    code = """
+        {imports}
+        import numpy as np
+        from recbole.evaluator.metrics import NDCG
+        ndcg = NDCG.__new__(NDCG)
+        print(ndcg.metric_info(np.array([[False, True]]), np.array([1])).tolist())
+    """
+    unfixed = run_python(code.format(imports="import recbole"))
+    assert "has no attribute 'float'" in unfixed.stderr
+    fixed = run_python(code.format(imports="import recbole_reason"))
+    assert fixed.returncode == 0, fixed.stderr
+    assert fixed.stdout.strip() == str([[0.0, float(1 / np.log2(3))]])
