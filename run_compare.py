@@ -11,7 +11,6 @@ unless --rerun), and <out_dir>/comparison.{md,csv,tex} are rebuilt from all of t
 """
 
 import argparse
-import os
 import sys
 
 
@@ -61,12 +60,9 @@ def main(argv=None):
 def cli():
     """Bad input (unknown option value, missing runs file) ends with one clear line, not a traceback; a model that
     fails during a run is a row of the table instead."""
-    try:
-        main()
-    except (ValueError, KeyError, FileNotFoundError) as error:
-        if os.environ.get("RECBOLE_REASON_TRACEBACK"):
-            raise
-        sys.exit(f"error: {error}\n(set RECBOLE_REASON_TRACEBACK=1 to see the full traceback)")
+    from recbole_reason.utils import run_cli
+
+    run_cli(main)
 
 
 if __name__ == "__main__":

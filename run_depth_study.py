@@ -11,7 +11,6 @@ settings: the training run's when it trains first, else applied to each checkpoi
 """
 
 import argparse
-import os
 import sys
 
 
@@ -51,12 +50,9 @@ def main(argv=None):
 
 def cli():
     """Bad input (a model without a depth, an invalid depth, a missing checkpoint) ends with one clear line."""
-    try:
-        main()
-    except (ValueError, KeyError, FileNotFoundError) as error:
-        if os.environ.get("RECBOLE_REASON_TRACEBACK"):
-            raise
-        sys.exit(f"error: {error}\n(set RECBOLE_REASON_TRACEBACK=1 to see the full traceback)")
+    from recbole_reason.utils import run_cli
+
+    run_cli(main)
 
 
 if __name__ == "__main__":

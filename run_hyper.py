@@ -9,8 +9,6 @@ Writes RecBole's result file (--output_file) and the best configuration as YAML 
 """
 
 import argparse
-import os
-import sys
 
 from run_recbole_reason import keep_config_overrides
 
@@ -42,12 +40,9 @@ def main(argv=None):
 
 def cli():
     """Console script: a bad option or search space ends with one clear line, not a traceback."""
-    try:
-        main()
-    except (ValueError, KeyError, FileNotFoundError) as error:
-        if os.environ.get("RECBOLE_REASON_TRACEBACK"):
-            raise
-        sys.exit(f"error: {error}\n(set RECBOLE_REASON_TRACEBACK=1 to see the full traceback)")
+    from recbole_reason.utils import run_cli
+
+    run_cli(main)
 
 
 if __name__ == "__main__":

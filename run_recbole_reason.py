@@ -10,7 +10,6 @@ Any further `--key=value` is a RecBole config override (read by Config from the 
 """
 
 import argparse
-import os
 import sys
 
 
@@ -55,13 +54,9 @@ def main(argv=None):
 
 def cli():
     """Bad input (unknown model, missing dataset, invalid setting) ends with one clear line, not a traceback."""
-    try:
-        main()
-    except (ValueError, KeyError, FileNotFoundError, FloatingPointError) as error:
-        if os.environ.get("RECBOLE_REASON_TRACEBACK"):
-            raise
-        message = error.args[0] if isinstance(error, KeyError) and error.args else error
-        sys.exit(f"error: {message}\n(set RECBOLE_REASON_TRACEBACK=1 to see the full traceback)")
+    from recbole_reason.utils import run_cli
+
+    run_cli(main)
 
 
 if __name__ == "__main__":

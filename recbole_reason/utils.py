@@ -11,6 +11,7 @@ import csv
 import importlib
 import importlib.util
 import os
+import sys
 import pkgutil
 from logging import getLogger
 
@@ -339,3 +340,16 @@ def create_dataset(config):
     if save_dataset:
         dataset.save()
     return dataset
+
+
+def run_cli(main):
+    """Run a script's `main()`: bad input (unknown model, missing dataset, invalid setting, a NaN stop) ends with one
+    clear line instead of a traceback; `RECBOLE_REASON_TRACEBACK=1` shows the traceback."""
+    try:
+        return main()
+    except (ValueError, KeyError, FileNotFoundError, FloatingPointError) as error:
+        if os.environ.get("RECBOLE_REASON_TRACEBACK"):
+            raise
+        message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        sys.exit(f"error: {message}\n(set RECBOLE_REASON_TRACEBACK=1 to see the full traceback)")
+

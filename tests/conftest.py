@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import recbole_reason  # noqa: F401  (applies the compatibility fixes)
+from recbole_reason.config import Config
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 TINY_CONFIG = os.path.join(TESTS_DIR, "tiny.yaml")
@@ -30,3 +31,22 @@ def tiny(tmp_path):
         return config
 
     return make
+
+
+def tiny_config(model, config_dict):
+    """Config on tests/tiny.yaml. Safe in module-scoped fixtures, which run before `_isolate`: Config would otherwise
+    read pytest's own command line (e.g. --durations=10) as `--key=value` overrides."""
+    argv, sys.argv = sys.argv, ["pytest"]
+    try:
+        return Config(model=model, config_file_list=[TINY_CONFIG], config_dict=config_dict)
+    finally:
+        sys.argv = argv
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny test tensors are overhead-bound: on the shared 2-core CPU one intra-op thread is much faster than two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

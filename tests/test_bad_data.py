@@ -4,7 +4,6 @@ rule (missing item features -> ids only, empty feature values -> [PAD], out-of-r
 import logging
 import os
 import re
-import sys
 
 import pytest
 import torch
@@ -12,8 +11,8 @@ from recbole.data import create_dataset as recbole_create_dataset
 from recbole.data import data_preparation
 from recbole.utils import init_seed
 
-from conftest import DATA_PATH, TINY_CONFIG
-from recbole_reason import Config, create_dataset, get_model, run_recbole_reason
+from conftest import DATA_PATH, TINY_CONFIG, tiny_config
+from recbole_reason import create_dataset, get_model, run_recbole_reason
 from recbole_reason.data.item_features import item_attributes
 from recbole_reason.model.sequential_recommender.r2ec import R2ecVocabulary
 
@@ -49,11 +48,7 @@ def config_dict(tmp_path, data_path, name, **overrides):
 
 
 def config(model, tmp_path, data_path, name, **overrides):
-    argv, sys.argv = sys.argv, ["pytest"]
-    try:
-        return Config(model=model, config_file_list=[TINY_CONFIG], config_dict=config_dict(tmp_path, data_path, name, **overrides))
-    finally:
-        sys.argv = argv
+    return tiny_config(model, config_dict(tmp_path, data_path, name, **overrides))
 
 
 def assert_nothing_written(tmp_path):

@@ -4,17 +4,15 @@ NaN / inf in a loss, reward, advantage or gradient stops training naming it, and
 
 import math
 import os
-import sys
 
 import pytest
 import torch
 from recbole.utils import init_seed
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from conftest import DATA_PATH, TINY_CONFIG
+from conftest import DATA_PATH, tiny_config
 from recbole_reason.checkpoint import CheckpointMismatchError, first_non_finite, resume_state_file
 from recbole_reason.compat import load_checkpoint
-from recbole_reason.config import Config
 from recbole_reason.model import rl as rl_module
 from recbole_reason.model.sequential_recommender import lares as lares_module
 from recbole_reason.model.sequential_recommender import r2ec as r2ec_module
@@ -79,11 +77,7 @@ def build(model, data, tmp_path, **overrides):
                    "epochs": 1, "train_batch_size": 64, "eval_batch_size": 256, **SMALL[model], **overrides}
     if model == "REG4Rec":
         config_dict.setdefault("tokenizer_cache_dir", data["tokens"])
-    argv, sys.argv = sys.argv, ["pytest"]
-    try:
-        config = Config(model=model, config_file_list=[TINY_CONFIG], config_dict=config_dict)
-    finally:
-        sys.argv = argv
+    config = tiny_config(model, config_dict)
     init_seed(config["seed"], config["reproducibility"])
     _, loaders, _, trainer = _build(config)
     return config, loaders, trainer

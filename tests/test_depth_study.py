@@ -2,7 +2,6 @@
 checkpoints, the table and SVG plot, and the TensorBoard tags of a multi-stage run."""
 
 import glob
-import sys
 import xml.etree.ElementTree as ET
 from types import SimpleNamespace
 
@@ -14,8 +13,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.tensorboard import SummaryWriter
 
 import run_depth_study
-from conftest import DATA_PATH, TINY_CONFIG
-from recbole_reason import Config, create_dataset, get_model, run_recbole_reason
+from conftest import DATA_PATH, TINY_CONFIG, tiny_config
+from recbole_reason import create_dataset, get_model, run_recbole_reason
 from recbole_reason.compare import cli_config_overrides
 from recbole_reason.data import mpq_tokenizer as mpq
 from recbole_reason.depth_study import depth_study, nice_ticks, svg_line_plot
@@ -67,12 +66,7 @@ def test_depth_knobs_validate_and_return_the_previous_depth():
 
 
 def _tiny_config(model, **overrides):
-    argv, sys.argv = sys.argv, ["pytest"]
-    try:
-        return Config(model=model, config_file_list=[TINY_CONFIG],
-                      config_dict={"dataset": "tiny", "data_path": DATA_PATH, **overrides})
-    finally:
-        sys.argv = argv
+    return tiny_config(model, {"dataset": "tiny", "data_path": DATA_PATH, **overrides})
 
 
 def test_r2ec_reasoning_length_reaches_generation_and_scores(tmp_path):

@@ -9,7 +9,7 @@ import torch
 from recbole.data import data_preparation
 from recbole.utils import init_seed
 
-from recbole_reason import Config, create_dataset, get_model, get_trainer
+from recbole_reason import create_dataset, get_model, get_trainer
 from recbole_reason.compat import load_checkpoint
 from recbole_reason.model.sequential_recommender.r2ec import (
     ANS,
@@ -24,7 +24,7 @@ from recbole_reason.model.sequential_recommender.r2ec import (
     relabel_mask,
 )
 
-from conftest import DATA_PATH, TINY_CONFIG
+from conftest import DATA_PATH, TINY_CONFIG, tiny_config
 
 # Small enough for a 2-core CPU: short histories, one layer, short reasoning, two rollouts.
 SMALL = {
@@ -39,12 +39,7 @@ AMAZON = {
 
 
 def _config(**overrides):
-    argv, sys.argv = sys.argv, ["pytest"]
-    try:
-        config_dict = {"dataset": "tiny", "data_path": DATA_PATH, **SMALL, **overrides}
-        return Config(model="R2ec", config_file_list=[TINY_CONFIG], config_dict=config_dict)
-    finally:
-        sys.argv = argv
+    return tiny_config("R2ec", {"dataset": "tiny", "data_path": DATA_PATH, **SMALL, **overrides})
 
 
 def _prepare(config):

@@ -7,7 +7,7 @@ import torch
 from recbole.data import data_preparation
 from recbole.utils import init_seed
 
-from conftest import DATA_PATH, TINY_CONFIG
+from conftest import DATA_PATH, TINY_CONFIG, tiny_config
 from recbole_reason import Config, create_dataset, run_recbole_reason
 from recbole_reason.compat import load_checkpoint
 from recbole_reason.data import mpq_tokenizer as mpq
@@ -29,13 +29,7 @@ SMALL = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    """REG4Rec's tiny test tensors are overhead-bound: on a shared 2-core CPU two threads are ~20x slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: one intra-op thread for tiny tensors
 
 
 def tok(r, j, D=100):
@@ -45,16 +39,9 @@ def tok(r, j, D=100):
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    import sys
-
-    argv, sys.argv = sys.argv, ["pytest"]
-    try:
-        config = Config(model="REG4Rec", dataset="tiny", config_file_list=[TINY_CONFIG],
-                        config_dict={"data_path": DATA_PATH, "checkpoint_dir": str(tmp_path_factory.mktemp("saved")), **SMALL})
-        dataset = create_dataset(config)
-        train_data, valid_data, test_data = data_preparation(config, dataset)
-    finally:
-        sys.argv = argv
+    config = tiny_config("REG4Rec", {"dataset": "tiny", "data_path": DATA_PATH,
+                                     "checkpoint_dir": str(tmp_path_factory.mktemp("saved")), **SMALL})
+    train_data, valid_data, test_data = data_preparation(config, create_dataset(config))
     tokens = mpq.build_item_tokens(config, train_data._dataset)
     train_data._dataset.attach_item_tokens(tokens)
     return config, train_data, (valid_data, test_data), tokens

@@ -15,10 +15,9 @@ import sys
 import pytest
 import torch
 
-from conftest import DATA_PATH, TINY_CONFIG
+from conftest import DATA_PATH, TINY_CONFIG, tiny_config
 from recbole_reason.checkpoint import RESUME_SUFFIX, resume_state_file
 from recbole_reason.compat import load_checkpoint
-from recbole_reason.config import Config
 from recbole_reason.quick_start import _build, _train_and_test, run_recbole_reason
 from recbole.utils import init_seed
 
@@ -83,11 +82,7 @@ class Run:
     recorded as (stage, epoch, batch, name, value)."""
 
     def __init__(self, model, config_dict, resume=None, crash_at=None, crash_in=None):
-        argv, sys.argv = sys.argv, ["pytest"]
-        try:
-            config = Config(model=model, config_file_list=[TINY_CONFIG], config_dict=config_dict)
-        finally:
-            sys.argv = argv
+        config = tiny_config(model, config_dict)
         init_seed(config["seed"], config["reproducibility"])
         _, data, _, trainer = _build(config)
         self.trainer, self.trained, self.stats, self.result = trainer, [], [], None

@@ -7,15 +7,13 @@ item table is encoded once per evaluation. LARES: the last layer of the last ste
 the full step; the RPT reference's pre-block once per batch; fused GELU. Mixed precision within tolerance.
 """
 
-import sys
-
 import pytest
 import torch
 from recbole.data import data_preparation
 from recbole.utils import init_seed
 
-from conftest import DATA_PATH, TINY_CONFIG
-from recbole_reason import Config, create_dataset
+from conftest import DATA_PATH, tiny_config
+from recbole_reason import create_dataset
 from recbole_reason.data import mpq_tokenizer as mpq
 from recbole_reason.model.sequential_recommender.reg4rec import (
     BOS,
@@ -30,22 +28,11 @@ from recbole_reason.model.sequential_recommender.reg4rec import (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    """Tiny tensors are overhead-bound: one intra-op thread is faster on the shared 2-core CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: one intra-op thread for tiny tensors
 
 
 def _config(model, **overrides):
-    argv, sys.argv = sys.argv, ["pytest"]
-    try:
-        return Config(model=model, dataset="tiny", config_file_list=[TINY_CONFIG],
-                      config_dict={"data_path": DATA_PATH, **overrides})
-    finally:
-        sys.argv = argv
+    return tiny_config(model, {"dataset": "tiny", "data_path": DATA_PATH, **overrides})
 
 
 # =================================================================================================================

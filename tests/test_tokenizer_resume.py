@@ -4,14 +4,13 @@ atomically, and never uses a cache (or partial state) written for another datase
 import logging
 import os
 import shutil
-import sys
 
 import pytest
 import torch
 from recbole.data import data_preparation
 
-from conftest import DATA_PATH, TINY_CONFIG
-from recbole_reason import Config, create_dataset
+from conftest import DATA_PATH, tiny_config
+from recbole_reason import create_dataset
 from recbole_reason.compat import load_checkpoint
 from recbole_reason.data import mpq_tokenizer as mpq
 
@@ -30,22 +29,13 @@ class Interrupted(Exception):
     """Stands for a kill / Ctrl-C in the middle of a build."""
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: one intra-op thread for tiny tensors
 
 
 def _prepare(tmp_path_factory, **overrides):
-    argv, sys.argv = sys.argv, ["pytest"]
-    try:
-        config = Config(model="REG4Rec", config_file_list=[TINY_CONFIG], config_dict={
-            "dataset": "tiny", "data_path": DATA_PATH, "checkpoint_dir": str(tmp_path_factory.mktemp("saved")),
-            **SETTINGS, **overrides})
-    finally:
-        sys.argv = argv
+    config = tiny_config("REG4Rec", {
+        "dataset": "tiny", "data_path": DATA_PATH, "checkpoint_dir": str(tmp_path_factory.mktemp("saved")),
+        **SETTINGS, **overrides})
     train_data, _, _ = data_preparation(config, create_dataset(config))
     return config, train_data._dataset
 
