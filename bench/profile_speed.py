@@ -91,19 +91,15 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
     parser.add_argument("--profile", default="", help="comma-separated models to profile (torch.profiler table)")
-    parser.add_argument("--set", nargs="*", default=[], help="extra overrides key=value (python literals)")
+    parser.add_argument("--set", nargs="*", default=[], help="extra overrides key=value (values as in a YAML config file)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     sys.argv = sys.argv[:1]  # RecBole's Config reads --key=value from argv
     overrides = {"data_path": args.data_path, "state": "ERROR", "show_progress": False,
                  "eval_batch_size": args.users, "train_batch_size": args.train_batch}
-    for item in args.set:
-        key, value = item.split("=", 1)
-        try:
-            overrides[key] = eval(value, {})
-        except Exception:
-            overrides[key] = value
+    from recbole_reason.utils import parse_setting
+    overrides.update(parse_setting(item) for item in args.set)
     profiled = set(filter(None, args.profile.split(",")))
     rows, base = [], {}
     for name in args.models.split(","):

@@ -236,17 +236,13 @@ def main():
     parser.add_argument("--config_files", default=os.path.join(REPO, "bench", "configs", "gpu.yaml"))
     parser.add_argument("--data_path", default=os.path.join(REPO, "..", "shared", "data"))
     parser.add_argument("--tag", required=True, help="results go to bench/results/<tag>.jsonl and <tag>.md")
-    parser.add_argument("--set", nargs="*", default=[], help="extra overrides key=value (python literals)")
+    parser.add_argument("--set", nargs="*", default=[], help="extra overrides key=value (values as in a YAML config file)")
     args = parser.parse_args()
     SEEDS[:] = [int(s) for s in args.seeds.split(",")]
 
     overrides = {"data_path": args.data_path, "state": "WARNING", "show_progress": False}
-    for item in args.set:
-        key, value = item.split("=", 1)
-        try:
-            overrides[key] = eval(value, {})
-        except Exception:
-            overrides[key] = value
+    from recbole_reason.utils import parse_setting
+    overrides.update(parse_setting(item) for item in args.set)
     config_files = args.config_files.split()
     results_dir = os.path.join(REPO, "bench", "results")
     os.makedirs(results_dir, exist_ok=True)

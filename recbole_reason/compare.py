@@ -30,7 +30,8 @@ import traceback
 import warnings
 
 import numpy as np
-import yaml
+
+from recbole_reason.utils import parse_setting
 
 RUNS_FILE = "runs.jsonl"
 TABLE_STEM = "comparison"
@@ -90,8 +91,8 @@ def cli_config_overrides(args):
     for arg in args:
         if not (arg.startswith("--") and "=" in arg):
             raise ValueError(f"unrecognised argument {arg!r}: config settings are --key=value")
-        key, value = arg[2:].split("=", 1)
-        overrides[key] = yaml.safe_load(value)
+        key, value = parse_setting(arg[2:])
+        overrides[key] = value
     return overrides
 
 
@@ -105,8 +106,8 @@ def parse_variant(text):
     for pair in pairs:
         if "=" not in pair:
             raise ValueError(f"--variant settings are key=value, got {pair!r} in {text!r}")
-        key, value = pair.split("=", 1)
-        overrides[key] = yaml.safe_load(value)
+        key, value = parse_setting(pair)
+        overrides[key] = value
     return label, model, overrides
 
 

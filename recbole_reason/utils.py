@@ -17,6 +17,8 @@ from logging import getLogger
 
 import numpy as np
 import pandas as pd
+import yaml
+from recbole.config import Config
 from recbole.data.dataset import SequentialDataset
 from recbole.model.abstract_recommender import AbstractRecommender
 from recbole.utils import FeatureType, ModelType
@@ -340,6 +342,17 @@ def create_dataset(config):
     if save_dataset:
         dataset.save()
     return dataset
+
+
+def parse_setting(text):
+    """A command line's 'key=value' -> (key, value). The value is read as YAML with RecBole's own loader, as the
+    config files are: `1e-3` is a float (plain YAML reads a string), `[1, 2]`, `True`, `~` mean what they mean there,
+    anything else stays a string. One reader for every script's settings (run_compare's `--key=value` and
+    `--variant`, the bench scripts' `--set`)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ValueError(f"a setting is key=value (e.g. learning_rate=0.001), got {text!r}")
+    return key, yaml.load(value, Loader=Config._build_yaml_loader(None))
 
 
 def run_cli(main):

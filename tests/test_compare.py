@@ -13,6 +13,7 @@ from conftest import TINY_CONFIG
 from recbole_reason.compare import (
     RUNS_FILE,
     build_tables,
+    cli_config_overrides,
     compare,
     format_p,
     normalize_models,
@@ -20,6 +21,7 @@ from recbole_reason.compare import (
     parse_variant,
     smaller_is_better,
 )
+from recbole_reason.utils import parse_setting
 
 
 # -- the t-test direction, on hand-made numbers -------------------------------------------------------------------
@@ -127,6 +129,21 @@ def test_table_warns_when_runs_do_not_share_an_evaluation_setup(tmp_path):
     assert summary[0]["mixed_setup"] and "WARNING" in open(files["md"]).read()
     with pytest.raises(FileNotFoundError, match="No runs to tabulate"):
         build_tables(str(tmp_path / "empty"))
+
+
+def test_command_line_settings_read_values_as_recbole_reads_its_yaml():
+    # plain YAML reads 1e-3 as a string; RecBole's loader (and so ours) reads a float, as in a config file
+    assert parse_setting("learning_rate=1e-3") == ("learning_rate", 0.001)
+    assert parse_setting("depths=[1, 2]") == ("depths", [1, 2])
+    assert parse_setting("checkpoint_dir='/tmp/x'") == ("checkpoint_dir", "/tmp/x")
+    assert parse_setting("test_recurrence=~") == ("test_recurrence", None)
+    assert parse_setting("mode=prl") == ("mode", "prl")
+    assert parse_setting("a=b=c") == ("a", "b=c")
+    assert parse_variant("K=ReaRec learning_rate=1e-3")[2] == {"learning_rate": 0.001}
+    assert cli_config_overrides(["--learning_rate=1e-3"]) == {"learning_rate": 0.001}
+    for bad in ("learning_rate", "=1"):
+        with pytest.raises(ValueError, match="a setting is key=value"):
+            parse_setting(bad)
 
 
 def test_models_variants_and_arguments_are_checked():
