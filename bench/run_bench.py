@@ -237,6 +237,7 @@ def main():
     parser.add_argument("--data_path", default=os.path.join(REPO, "..", "shared", "data"))
     parser.add_argument("--tag", required=True, help="results go to bench/results/<tag>.jsonl and <tag>.md")
     parser.add_argument("--set", nargs="*", default=[], help="extra overrides key=value (values as in a YAML config file)")
+    parser.add_argument("--rebuild", action="store_true", help="no runs: only rebuild <tag>.md from <tag>.jsonl")
     args = parser.parse_args()
     SEEDS[:] = [int(s) for s in args.seeds.split(",")]
 
@@ -248,7 +249,7 @@ def main():
     os.makedirs(results_dir, exist_ok=True)
     jsonl = os.path.join(results_dir, f"{args.tag}.jsonl")
     command = "python " + " ".join(sys.argv)
-    for dataset in args.datasets.split(","):
+    for dataset in ([] if args.rebuild else args.datasets.split(",")):
         for variant in args.models.split(","):
             for seed in (int(s) for s in args.seeds.split(",")):
                 started = time.time()
@@ -263,12 +264,15 @@ def main():
                     print(json.dumps({k: record.get(k) for k in ("variant", "dataset", "seed", "test", "fit_seconds", "error")}), flush=True)
 
     records = [json.loads(line) for line in open(jsonl)]
+    if args.rebuild and records:  # the header names the command that made the runs, not this one
+        command = records[0]["command"]
     failed = [r for r in records if "error" in r]
     records = [r for r in records if "error" not in r]
     header = (f"## {args.tag}\n\n- command: `{command}`\n- device: {records[0]['device'] if records else '?'}\n"
               f"- commits: {', '.join(sorted({r['commit'] for r in records}))}\n"
               f"- seeds: {', '.join(str(s) for s in sorted({r['seed'] for r in records}))}\n"
-              f"- config files: {', '.join(os.path.relpath(f, REPO) for f in config_files)}; overrides: {args.set}\n"
+              (f"- config files: {', '.join(os.path.relpath(f, REPO) for f in config_files)}; overrides: {args.set}\n"
+                 if not args.rebuild else "")
               + "".join(f"- FAILED {r['variant']} on {r['dataset']} seed {r['seed']}: {r['error']}\n" for r in failed))
     with open(os.path.join(results_dir, f"{args.tag}.md"), "w") as f:
         f.write(summarize(records, header))
