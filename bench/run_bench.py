@@ -271,7 +271,7 @@ def main():
     header = (f"## {args.tag}\n\n- command: `{command}`\n- device: {records[0]['device'] if records else '?'}\n"
               f"- commits: {', '.join(sorted({r['commit'] for r in records}))}\n"
               f"- seeds: {', '.join(str(s) for s in sorted({r['seed'] for r in records}))}\n"
-              (f"- config files: {', '.join(os.path.relpath(f, REPO) for f in config_files)}; overrides: {args.set}\n"
+              + (f"- config files: {', '.join(os.path.relpath(f, REPO) for f in config_files)}; overrides: {args.set}\n"
                  if not args.rebuild else "")
               + "".join(f"- FAILED {r['variant']} on {r['dataset']} seed {r['seed']}: {r['error']}\n" for r in failed))
     with open(os.path.join(results_dir, f"{args.tag}.md"), "w") as f:

@@ -147,3 +147,17 @@ def test_empty_inter_file_is_named(tiny, tmp_path):
     data_path = _copy_tiny(tmp_path, "empty", lambda lines: lines[:1])
     with pytest.raises(ValueError, match=r"empty\.inter is empty"):
         run_recbole_reason("SASRec", "empty", [TINY_CONFIG], tiny(data_path=data_path), saved=False)
+
+
+def test_scripts_compile_without_warnings():
+    # bench/ has no tests of its own: a typo that only Python's compiler notices (e.g. a string "called" where a `+`
+    # was missing, a SyntaxWarning) must fail here, not at the end of a two-hour benchmark
+    import glob
+    import warnings
+
+    scripts = glob.glob(os.path.join(REPO, "*.py")) + glob.glob(os.path.join(REPO, "bench", "*.py"))
+    assert any(path.endswith("run_bench.py") for path in scripts)
+    for path in scripts:
+        with open(path) as source, warnings.catch_warnings():
+            warnings.simplefilter("error")
+            compile(source.read(), path, "exec")
