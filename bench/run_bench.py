@@ -82,16 +82,17 @@ def full_sort_seconds(model, eval_data, device):
 
 def run_one(variant, dataset, seed, config_files, overrides):
     """Train and test one variant; returns its record plus the records of its STAGE_ROWS / EVAL_ROWS variants."""
-    from recbole.utils import init_logger, init_seed
+    from recbole.utils import init_seed
 
     from recbole_reason.config import Config
+    from recbole_reason.distributed import init_rank_logger
     from recbole_reason.quick_start import _build
 
     model_name, variant_config = VARIANTS[variant]
     config_dict = {**overrides, **variant_config, "seed": seed}
     config = Config(model=model_name, dataset=dataset, config_file_list=config_files, config_dict=config_dict)
     init_seed(config["seed"], config["reproducibility"])
-    init_logger(config)
+    init_rank_logger(config)  # each variant its own log file and TensorBoard folder
     _, (train_data, valid_data, test_data), model, trainer = _build(config)
     if config["device"].type == "cuda":
         torch.cuda.reset_peak_memory_stats()

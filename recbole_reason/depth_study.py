@@ -16,7 +16,6 @@ the ringed point). Each depth's metrics also go to TensorBoard as `depth_study/<
 """
 
 import json
-import logging
 import math
 import os
 
@@ -76,8 +75,9 @@ def _parse_depths(depths):
 def _load_for_evaluation(checkpoint_file, config_dict):
     """Config, eval loaders, model (weights loaded) and trainer of a checkpoint, on this machine's device."""
     from recbole.data import data_preparation
-    from recbole.utils import init_logger, init_seed
+    from recbole.utils import init_seed
 
+    from recbole_reason.distributed import init_rank_logger
     from recbole_reason.utils import create_dataset, get_model, get_trainer
 
     if not os.path.isfile(checkpoint_file):
@@ -94,13 +94,7 @@ def _load_for_evaluation(checkpoint_file, config_dict):
     if config["device"].type == "cuda" and not torch.cuda.is_available():
         config["device"] = torch.device("cpu")
     init_seed(config["seed"], config["reproducibility"])
-    # RecBole's init_logger is a no-op once the root logger has handlers (logging.basicConfig): drop them, so that
-    # the study gets its own log file and TensorBoard folder rather than writing into an earlier run's.
-    root = logging.getLogger()
-    for handler in root.handlers[:]:
-        root.removeHandler(handler)
-        handler.close()
-    init_logger(config)
+    init_rank_logger(config)  # the study's own log file and TensorBoard folder, not the training run's
     dataset = create_dataset(config)
     train_data, valid_data, test_data = data_preparation(config, dataset)
     init_seed(config["seed"], config["reproducibility"])

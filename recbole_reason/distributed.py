@@ -314,15 +314,21 @@ class DistributedTrainerMixin:
 
 # -- logging ---------------------------------------------------------------------------------------------------------
 def init_rank_logger(config):
-    """RecBole's `init_logger` (log file + terminal) on rank 0 or the only process; errors to stderr elsewhere."""
+    """RecBole's `init_logger` (log file + terminal) on rank 0 or the only process; errors to stderr elsewhere.
+
+    Every run gets its own log file and TensorBoard folder, also the second run of a process (a comparison, a
+    tuning trial, a Python loop over models): RecBole's `init_logger` ends in `logging.basicConfig`, a no-op once
+    the root logger has handlers, and its `get_tensorboard` names the folder after the first file handler, so
+    without dropping the previous run's handlers every later run would log into the first run's files."""
+    root = logging.getLogger()
+    for handler in root.handlers[:]:
+        root.removeHandler(handler)
+        handler.close()
     if is_main_process(config):
         from recbole.utils import init_logger
 
         init_logger(config)
         return
-    root = logging.getLogger()
-    for handler in root.handlers[:]:
-        root.removeHandler(handler)
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter(f"rank {config['local_rank']}: %(levelname)s %(message)s"))
     handler.setLevel(logging.ERROR)

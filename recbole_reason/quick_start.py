@@ -4,12 +4,11 @@ Same steps as `recbole.quick_start.run_recbole` (Config, seed, logger, dataset, 
 evaluate), minus the FLOPs count, and without importing `recbole.quick_start` (ray).
 """
 
-import logging
 import sys
 from logging import getLogger
 
 from recbole.data import data_preparation
-from recbole.utils import get_environment, init_logger, init_seed, set_color
+from recbole.utils import get_environment, init_seed, set_color
 
 from recbole_reason.config import Config
 from recbole_reason.distributed import init_rank_logger, rank_zero_first, run_distributed
@@ -119,10 +118,6 @@ def objective_function(config_dict=None, config_file_list=None, saved=True):
     """The objective for RecBole's `HyperTuning`: quiet training, returns the dict HyperTuning expects."""
     config = Config(config_dict=config_dict, config_file_list=config_file_list)
     init_seed(config["seed"], config["reproducibility"])
-    logger = getLogger()
-    for handler in logger.handlers[:]:
-        logger.removeHandler(handler)
-    init_logger(config)
-    logging.basicConfig(level=logging.ERROR)
+    init_rank_logger(config)
     _, data, _, trainer = _build(config)
     return _train_and_test(config, trainer, data, saved, verbose=False, show_progress=False)

@@ -1,5 +1,6 @@
 """The plugin path: registry, Config layering, baselines, the run script, checkpoints and clear errors."""
 
+import glob
 import os
 import subprocess
 import sys
@@ -107,6 +108,17 @@ def test_run_script_cli(tmp_path):
     output = completed.stdout + completed.stderr
     assert "| split | recall@10" in output and "| test |" in output and "| best valid |" in output
     assert os.path.isdir(tmp_path / "log" / "SASRec") and os.path.isdir(tmp_path / "log_tensorboard")
+
+
+def test_each_run_of_a_process_logs_to_its_own_file_and_tensorboard_folder(tiny, tmp_path):
+    # RecBole's init_logger is a no-op once the root logger has handlers: the second run would log into the first's
+    # file and TensorBoard folder (a comparison, a tuning trial, a loop over models in a notebook).
+    for model in ("SASRec", "GRU4Rec"):
+        run_recbole_reason(model, "tiny", [TINY_CONFIG], tiny(epochs=1), saved=False)
+    for model in ("SASRec", "GRU4Rec"):
+        assert len(glob.glob(str(tmp_path / "log" / model / f"{model}-tiny-*.log"))) == 1, model
+        assert len(glob.glob(str(tmp_path / "log_tensorboard" / f"{model}-tiny-*"))) == 1, model
+    assert len(os.listdir(tmp_path / "log_tensorboard")) == 2
 
 
 def test_cli_reports_unknown_model_clearly(tmp_path):
