@@ -13,7 +13,6 @@ as a ratio to SASRec's on the same dataset in the same file.
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -23,6 +22,8 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+
+from recbole_reason.compare import device_name  # noqa: E402  (after the path insert)
 
 # name -> (RecBole/plugin model, config overrides). Baselines and plugin variants share every other setting.
 VARIANTS = {
@@ -56,12 +57,6 @@ def git_commit():
         return subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     except OSError:
         return "unknown"
-
-
-def device_name():
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 
 def full_sort_seconds(model, eval_data, device):

@@ -24,6 +24,7 @@ import hashlib
 import json
 import math
 import os
+import platform
 import subprocess
 import time
 import traceback
@@ -163,6 +164,16 @@ def git_commit():
         return None
 
 
+def device_name(device=None):
+    """What ran the run, for the tables: the GPU's name, or the CPU with its cores and torch threads."""
+    import torch
+
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
 def run_one(label, model, dataset, seed, config_file_list=None, config_dict=None, overrides=None, saved=True):
     """Train and test one model once; returns the JSONL record (with `error` instead of results if it failed)."""
     from recbole_reason.config import Config
@@ -178,6 +189,7 @@ def run_one(label, model, dataset, seed, config_file_list=None, config_dict=None
     try:
         config = Config(config_dict=run_dict, config_file_list=config_file_list)
         record["eval_setup"] = _jsonable({key: config[key] for key in EVAL_SETUP_KEYS})
+        record["device"] = device_name(config["device"])
         result = objective_function(run_dict, config_file_list, saved=saved)
         record.update(
             test={k: float(v) for k, v in (result["test_result"] or {}).items()},
@@ -423,12 +435,14 @@ def build_tables(out_dir, baseline=None, split="test", command=None):
     summary = summarize(records, baseline=baseline, split=split)
     seeds = sorted({r["seed"] for r in records})
     commits = sorted({r["commit"] for r in records if r.get("commit")})
+    devices = sorted({r.get("device") or "not recorded" for r in records if "error" not in r})
     header = "\n".join(
         [f"## Comparison ({split} split)", ""]
         + ([f"- command: `{command}`"] if command else [])
         + [f"- seeds: {', '.join(map(str, seeds))}",
            f"- config files: {', '.join(sorted({f for r in records for f in r.get('config_files', [])})) or 'none'}",
            f"- commits: {', '.join(commits) or 'unknown'}",
+           f"- device{'s' if len(devices) > 1 else ''}: {'; '.join(devices)}",
            "- cells: mean ± sample std over seeds; best mean of each column in **bold**"]
     )
     files = {"jsonl": jsonl}

@@ -15,6 +15,7 @@ from recbole_reason.compare import (
     build_tables,
     cli_config_overrides,
     compare,
+    device_name,
     format_p,
     normalize_models,
     one_sided_paired_ttest,
@@ -201,11 +202,13 @@ def test_compare_runs_baselines_and_plugin_models_fills_in_parts_and_reports_a_f
     # one protocol for all: the same config files and evaluation setup for the RecBole baseline and the plugin model
     assert len({json.dumps(r["eval_setup"], sort_keys=True) for r in ok}) == 1
     assert len({tuple(r["config_files"]) for r in ok}) == 1 and all(r["saved_model_file"] for r in ok)
+    assert {r["device"] for r in ok} == {device_name("cpu")} and device_name("cpu").startswith("CPU (")
 
     # the CLI rebuilds the table from runs.jsonl, with the t-test against the baseline it names
     files = run_compare.main(["--rebuild", "--out_dir", out, "--baseline", "SASRec"])
     md = open(files["md"]).read()
     assert "| SASRec (baseline) | 2 |" in md and "| ReaRec-K1 | 2 |" in md and "(p=" in md
+    assert f"- device: {device_name('cpu')}\n" in md  # failed runs ran on nothing: not listed
     assert "| NoSuchModel | 0 (2 failed) | FAILED: ValueError: Unknown model" in md
     sasrec_1 = next(r for r in ok if r["label"] == "SASRec" and r["seed"] == 1)["test"]
     assert f"{np.mean([r['test']['ndcg@10'] for r in ok if r['label'] == 'SASRec']):.4f}" in md
