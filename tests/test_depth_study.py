@@ -2,6 +2,7 @@
 checkpoints, the table and SVG plot, and the TensorBoard tags of a multi-stage run."""
 
 import glob
+import os
 import xml.etree.ElementTree as ET
 from types import SimpleNamespace
 
@@ -17,7 +18,7 @@ from conftest import DATA_PATH, TINY_CONFIG, tiny_config
 from recbole_reason import create_dataset, get_model, run_recbole_reason
 from recbole_reason.compare import cli_config_overrides
 from recbole_reason.data import mpq_tokenizer as mpq
-from recbole_reason.depth_study import depth_study, nice_ticks, svg_line_plot
+from recbole_reason.depth_study import apply_evaluation_settings, depth_study, nice_ticks, svg_line_plot
 from recbole_reason.model.sequential_recommender.lares import LARES
 from recbole_reason.model.sequential_recommender.r2ec import ANS, R2ec, TinyCausalLM
 from recbole_reason.model.sequential_recommender.rearec import ReaRec
@@ -155,7 +156,10 @@ def test_depth_study_on_trained_checkpoints_writes_table_plot_and_tensorboard(ti
     assert [e.get("data-name") for e in lines] == ["ReaRec K=2", "LARES T=2"]
     assert [len(e.get("points").split()) for e in lines] == [5, 4]
     texts = [e.text for e in svg.iter("{http://www.w3.org/2000/svg}text")]
-    assert "reason_step / test_recurrence" in texts and "ndcg@10" in texts
+    # one panel per depth knob (their x axes differ), one y scale, one legend
+    panels = list(svg.iter("{http://www.w3.org/2000/svg}g"))
+    assert [len(list(panel.iter("{http://www.w3.org/2000/svg}polyline"))) for panel in panels] == [1, 1]
+    assert {"reason_step", "test_recurrence", "ndcg@10"} <= set(texts) and texts.count("LARES T=2") == 1
 
     # the study's own TensorBoard scalars, depth as the step
     study_dirs = [d for d in glob.glob(str(tmp_path / "log_tensorboard" / "*")) if d != trainers[0].tensorboard.log_dir]
@@ -222,6 +226,17 @@ def test_cli_reads_config_settings_for_the_checkpoints():
     assert args.depths == "1,2" and cli_config_overrides(rest) == {"data_path": "/data", "eval_batch_size": 64}
     with pytest.raises(ValueError, match="--key=value"):
         cli_config_overrides(["stray"])
+
+
+def test_evaluation_data_path_is_the_parent_folder_as_in_training():
+    stored = {"dataset": "tiny", "data_path": "/another/machine/data/tiny", "eval_batch_size": 4096}
+    config = apply_evaluation_settings(dict(stored), {"data_path": DATA_PATH, "eval_batch_size": 64})
+    assert config["data_path"] == os.path.join(DATA_PATH, "tiny") and config["eval_batch_size"] == 64
+    assert apply_evaluation_settings(dict(stored), {})["data_path"] == stored["data_path"]  # nothing given: kept
+    # ml-100k: this machine's embedded copy, whatever the checkpoint's machine stored and whatever data_path says
+    ml100k = apply_evaluation_settings({"dataset": "ml-100k", "data_path": "/gpu/site-packages/ml-100k"},
+                                       {"data_path": DATA_PATH})
+    assert os.path.isfile(os.path.join(ml100k["data_path"], "ml-100k.inter"))
 
 
 # Last in the file: resolving a RecBole model imports RecBole's model package, whose sine.py switches on autograd
