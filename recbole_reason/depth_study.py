@@ -261,16 +261,11 @@ def _escape(text):
     return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
 
 
-def svg_line_plot(series, x_label, y_label, title, plot_w=460, plot_h=300):
-    """series: {name: {'points': [(x, y), ...], 'marked': x or None}} -> an SVG document with axes, ticks,
-    one polyline per series with point markers, a ring at each series' marked x, and a legend."""
-    return svg_panel_plot([(x_label, series)], y_label, title, plot_w=plot_w, plot_h=plot_h)
-
-
 def svg_panel_plot(panels, y_label, title, plot_w=None, plot_h=None, columns=2):
-    """panels: [(x_label, series), ...], one panel per depth knob (a beam size of 50 and a reasoning step of 2 do not
-    share an x axis), in rows of `columns`, all on one y scale so models stay comparable; one legend, one color per
-    series name across panels."""
+    """panels: [(x_label, series), ...] with series {name: {'points': [(x, y), ...], 'marked': x or None}} -> an SVG
+    document: one panel per depth knob (a beam size of 50 and a reasoning step of 2 do not share an x axis) in rows of
+    `columns`, each with axes, ticks, one polyline per series with point markers and a ring at its marked x; all on
+    one y scale so models stay comparable; one legend, one color per series name across panels."""
     plot_w = plot_w or (460 if len(panels) == 1 else 300)
     plot_h = plot_h or (300 if len(panels) == 1 else 220)
     names = list(dict.fromkeys(name for _, series in panels for name in series))

@@ -18,7 +18,7 @@ from conftest import DATA_PATH, TINY_CONFIG, tiny_config
 from recbole_reason import create_dataset, get_model, run_recbole_reason
 from recbole_reason.compare import cli_config_overrides
 from recbole_reason.data import mpq_tokenizer as mpq
-from recbole_reason.depth_study import apply_evaluation_settings, depth_study, nice_ticks, svg_line_plot
+from recbole_reason.depth_study import apply_evaluation_settings, depth_study, nice_ticks, svg_panel_plot
 from recbole_reason.model.sequential_recommender.lares import LARES
 from recbole_reason.model.sequential_recommender.r2ec import ANS, R2ec, TinyCausalLM
 from recbole_reason.model.sequential_recommender.rearec import ReaRec
@@ -188,8 +188,8 @@ def test_train_first_path_studies_the_checkpoint_it_trained(monkeypatch, tmp_pat
 
 # -- outputs and the other logging paths --------------------------------------------------------------------------------
 def test_svg_plot_has_axes_ticks_legend_and_the_trained_marker():
-    svg = svg_line_plot({"a": {"points": [(0, 0.1), (1, 0.2), (2, 0.15)], "marked": 1},
-                         "b": {"points": [(0, 0.12), (2, 0.18)], "marked": None}}, "depth", "ndcg@10", "t & <x>")
+    svg = svg_panel_plot([("depth", {"a": {"points": [(0, 0.1), (1, 0.2), (2, 0.15)], "marked": 1},
+                                     "b": {"points": [(0, 0.12), (2, 0.18)], "marked": None}})], "ndcg@10", "t & <x>")
     root = ET.fromstring(svg)  # well-formed, special characters escaped
     texts = [e.text for e in root.iter("{http://www.w3.org/2000/svg}text")]
     assert {"0", "1", "2", "depth", "ndcg@10", "a", "b", "trained depth", "t & <x>"} <= set(texts)
