@@ -16,12 +16,13 @@ from recbole_reason.utils import get_model
 
 
 def properties_dir():
-    """The plugin's YAML folder: package data `recbole_reason.properties` once installed, else the source
-    checkout's top-level `properties/` (running from a clone without installing, as with RecBole-GNN)."""
-    try:
-        return str(resources.files("recbole_reason.properties"))
-    except ModuleNotFoundError:
-        return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "properties")
+    """The plugin's YAML folder: the top-level `properties/` of the source checkout this package was imported
+    from (a clone, installed or not, as with RecBole-GNN: its own YAML wins over any other installed copy), else
+    the package data `recbole_reason.properties` of an installed wheel."""
+    checkout = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "properties")
+    if os.path.isfile(os.path.join(checkout, "overall.yaml")):
+        return checkout
+    return str(resources.files("recbole_reason.properties"))
 
 
 class Config(RecBoleConfig):
