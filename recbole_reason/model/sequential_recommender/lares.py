@@ -16,6 +16,8 @@ A SASRec-style recommender that "thinks" in latent space with recurrent depth:
     o_i = S_i[last real position];  score(o, E) = o E^T  (or cos(o, E) / tau)
 
 Training depth T is random per forward (Huginn's poisson-lognormal by default), test depth is fixed.
+A and C are RecBole's causal TransformerEncoder (SASRec) or, with `lares_encoder: lightsans`, RecBole's
+LightTransformerEncoder (LightSANs), whose blocks take the position embedding P as input instead of E + P.
 
 Stage 1, self-supervised pre-training (SPT, `calculate_loss`):
     L_SPT = CE + alpha * TLA + gamma * SLA
