@@ -11,6 +11,7 @@ timestamps, so the same numbers give the same files.
 import math
 import os
 
+import matplotlib
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
@@ -25,9 +26,10 @@ def save_figure(figure, stem, formats=FORMATS, dpi=200):
     metadata = {"png": {"Software": None}, "pdf": {"CreationDate": None, "Producer": None},
                 "svg": {"Date": None, "Creator": None}}
     files = {}
-    for ext in formats:
-        files[ext] = f"{stem}.{ext}"
-        figure.savefig(files[ext], format=ext, dpi=dpi, bbox_inches="tight", metadata=metadata.get(ext))
+    with matplotlib.rc_context({"svg.hashsalt": "recbole-reason"}):  # fixed SVG element ids
+        for ext in formats:
+            files[ext] = f"{stem}.{ext}"
+            figure.savefig(files[ext], format=ext, dpi=dpi, bbox_inches="tight", metadata=metadata.get(ext))
     return files
 
 

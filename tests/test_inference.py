@@ -175,3 +175,30 @@ def test_checkpoint_of_another_model_file_is_refused(tmp_path):
     with pytest.raises(ValueError, match="is not a RecBole checkpoint"):
         load_data_and_model(str(bad))
     shutil.rmtree(tmp_path / "log", ignore_errors=True)
+
+
+def _imported_modules(path):
+    """Every module a source file imports, at its top or inside functions."""
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_lower_layers_never_import_the_quick_start_and_the_scripts_import_no_script():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    package = os.path.join(root, "recbole_reason")
+    workflows = {"quick_start.py", "hyper.py", "compare.py", "depth_study.py", "__init__.py"}  # above the quick start
+    lower = [path for path in glob.glob(os.path.join(package, "**", "*.py"), recursive=True)
+             if os.path.relpath(path, package) not in workflows]
+    assert {"config.py", "distributed.py", "utils.py", "inference.py", "figures.py"} <= {os.path.basename(p) for p in lower}
+    for path in lower:
+        assert "recbole_reason.quick_start" not in _imported_modules(path), path
+    scripts = ("run_recbole_reason", "run_hyper", "run_compare", "run_depth_study")
+    for script in scripts:
+        assert not _imported_modules(os.path.join(root, f"{script}.py")) & set(scripts), script
