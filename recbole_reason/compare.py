@@ -455,6 +455,7 @@ def build_tables(out_dir, baseline=None, split="test", command=None):
     if any(row["metrics"] for table in summary for row in table["rows"]):  # bar chart of the valid metric over seeds
         from recbole_reason.figures import comparison_figure, save_figure
 
-        metric = next((str(r["eval_setup"]["valid_metric"]).lower() for r in records if r.get("eval_setup")), None)
+        metric = next((str(r["eval_setup"]["valid_metric"]).lower() for r in records
+                       if (r.get("eval_setup") or {}).get("valid_metric")), None)
         files.update(save_figure(comparison_figure(summary, metric), os.path.join(out_dir, TABLE_STEM)))
     return files, summary

@@ -20,6 +20,7 @@ adds its generated reasoning.
 """
 
 import os
+from logging import getLogger
 
 import torch
 from recbole.data import data_preparation
@@ -75,7 +76,10 @@ def load_data_and_model(model_file, config_dict=None):
         config["device"] = torch.device("cpu")
     init_seed(config["seed"], config["reproducibility"])
     init_rank_logger(config)
+    logger = getLogger()
+    logger.info(config)
     dataset = create_dataset(config)
+    logger.info(dataset)
     train_data, valid_data, test_data = data_preparation(config, dataset)
     init_seed(config["seed"], config["reproducibility"])
     model = model_class(config, train_data._dataset).to(config["device"])
@@ -191,8 +195,9 @@ def recommend(model, dataset, test_data, users, k=10, keep_history=False, reason
             scores[row, histories[user]] = -torch.inf
     top = torch.topk(scores, k)
     explanations = {}
-    if reasoning and hasattr(model, "explain"):
-        explanations = {str(e.get("user")): e.get("reasoning") for e in model.explain(test_dataset, users)}
+    if reasoning and hasattr(model, "explain"):  # on the very rows just scored: the test split's, item appended
+        explained = model.explain(test_dataset.copy(batch), users)
+        explanations = {str(e.get("user")): e.get("reasoning") for e in explained}
     out = []
     for row, user in enumerate(users):
         items = top.indices[row].tolist()
