@@ -172,7 +172,7 @@ def recommend(model, dataset, test_data, users, k=10, keep_history=False, reason
     if model.type != ModelType.SEQUENTIAL:
         raise ValueError(f"recommend supports sequential models; {type(model).__name__} is not one. For other "
                          "models use recbole.utils.case_study.full_sort_topk on what load_data_and_model returns.")
-    users = [str(user) for user in ([users] if isinstance(users, (str, int)) else users)]
+    users = list(dict.fromkeys(str(user) for user in ([users] if isinstance(users, (str, int)) else users)))
     if not users:
         raise ValueError("users is empty: give at least one user id, e.g. --users 196,186")
     uids = dict(zip(users, internal_user_ids(dataset, users)))

@@ -129,6 +129,8 @@ def test_keep_history_ranks_the_same_scores_without_the_filter(runs):
     history = {item for _, item in raw_histories()["105"]}
     assert set(kept["items"]) & history  # the history is back among the candidates
     assert [item for item in kept["items"] if item not in history][:10] == new["items"]
+    twice = recommend(model, dataset, test_data, ["105", "105"], k=10)  # a repeated user is answered once
+    assert [entry["user"] for entry in twice] == ["105"] and twice[0]["items"] == new["items"]
 
 
 def test_r2ec_recommendations_carry_its_reasoning(runs, capsys):
