@@ -452,4 +452,10 @@ def build_tables(out_dir, baseline=None, split="test", command=None):
             f.write(text)
     files["csv"] = os.path.join(out_dir, f"{TABLE_STEM}.csv")
     write_csv(summary, files["csv"])
+    if any(row["metrics"] for table in summary for row in table["rows"]):  # bar chart of the valid metric over seeds
+        from recbole_reason.figures import comparison_figure, save_figure
+
+        metric = next((str(r["eval_setup"]["valid_metric"]).lower() for r in records
+                       if (r.get("eval_setup") or {}).get("valid_metric")), None)
+        files.update(save_figure(comparison_figure(summary, metric), os.path.join(out_dir, TABLE_STEM)))
     return files, summary

@@ -355,6 +355,14 @@ def parse_setting(text):
     return key, yaml.load(value, Loader=Config._build_yaml_loader(None))
 
 
+def keep_config_overrides(argv, script_args):
+    """RecBole's Config reads `--key=value` from sys.argv: leave it only those, not the script's own options."""
+    argv = argv if argv is not None else sys.argv[1:]
+    sys.argv = [sys.argv[0]] + [
+        a for a in argv if a.startswith("--") and "=" in a and a.split("=")[0][2:] not in vars(script_args)
+    ]
+
+
 def run_cli(main):
     """Run a script's `main()`: bad input (unknown model, missing dataset, invalid setting, a NaN stop) ends with one
     clear line instead of a traceback; `RECBOLE_REASON_TRACEBACK=1` shows the traceback."""
@@ -366,3 +374,14 @@ def run_cli(main):
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         sys.exit(f"error: {message}\n(set RECBOLE_REASON_TRACEBACK=1 to see the full traceback)")
 
+
+def metrics_table(rows):
+    """Markdown table of metric dicts, e.g. {'best valid': {...}, 'test': {...}}: pasteable into a paper."""
+    rows = {name: result for name, result in rows.items() if result}
+    if not rows:
+        return ""
+    metrics = list(next(iter(rows.values())).keys())
+    lines = ["| split | " + " | ".join(metrics) + " |", "|---|" + "---:|" * len(metrics)]
+    for name, result in rows.items():
+        lines.append(f"| {name} | " + " | ".join(f"{float(result[m]):.4f}" for m in metrics) + " |")
+    return "\n".join(lines)
