@@ -40,7 +40,7 @@ def main(argv=None):
 
 def cli():
     """Console script: a bad option or search space ends with one clear line, not a traceback."""
-    from recbole_reason.utils import run_cli
+    from recbole_reason.cli import run_cli
 
     run_cli(main)
 

@@ -54,7 +54,7 @@ def main(argv=None):
 
 def cli():
     """Bad input (unknown model, missing dataset, invalid setting) ends with one clear line, not a traceback."""
-    from recbole_reason.utils import run_cli
+    from recbole_reason.cli import run_cli
 
     run_cli(main)
 

@@ -85,7 +85,8 @@ MALFORMED = {
     "short_row": (dict(inter=lambda L: L[:4] + ["\t".join(L[4].split("\t")[:3])] + L[5:]),
                   r"short_row\.inter, line 5: 3 columns, the header has 4"),
     "text_in_float": (dict(inter=lambda L: edit_row(L, 7, 3, "yesterday")),
-                      r"text_in_float\.inter, line 8: timestamp is declared float but holds 'yesterday'.*Fix"),
+                      r"text_in_float\.inter, line 8, column timestamp: 'yesterday' is not a number, and the header "
+                      r"declares timestamp:float\. Fix"),
     "empty_timestamp": (dict(inter=lambda L: edit_row(L, 9, 3, "")),
                         r"empty_timestamp\.inter, line 10: empty timestamp\. Fix"),
     "untyped_header": (dict(item=lambda L: [L[0].replace("class:token_seq", "class")] + L[1:]),
