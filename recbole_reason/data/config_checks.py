@@ -57,7 +57,11 @@ def load_config_files(file_list, loader):
         except yaml.MarkedYAMLError as error:
             mark, context = error.problem_mark or error.context_mark, error.context_mark
             problem = " ".join(str(error.problem or error.context or "syntax error").split())
-            if context is not None and context.line != mark.line:  # e.g. a key without its colon, lines above
+            if context is not None and "simple key" in str(error.context):  # a key without its colon: YAML
+                mark, problem = context, "a key without ':'"  # notices on a later line; point at the key itself
+            elif problem == "mapping values are not allowed here":
+                problem += ": a ': ' inside a value, or a key without ':' on the line above"
+            elif context is not None and context.line != mark.line:
                 problem += f", in the entry that starts at line {context.line + 1}"
             raise ConfigError(f"{file}, line {mark.line + 1}, column {mark.column + 1}: not valid YAML ({problem}). "
                               f"Fix: {YAML_FIX}.") from None
