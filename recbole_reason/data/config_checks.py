@@ -170,20 +170,25 @@ class _Problems:
         self.lines.append(f"{key} = {value!r} ({text}set in {self.source(key)}): must be {allowed}. Fix: {fix}")
 
 
-def _fix_for(key, value, example):
+def _fix_for(key, value, example, test=None):
+    """Text that would be right without its quotes: say so; otherwise an example of a right value."""
     if isinstance(value, str) and _looks_numeric(value):
-        return f"write it without quotes, so YAML reads a {'boolean' if isinstance(example, bool) else 'number'} " \
-               f"(e.g. {key}: {value.strip()}, or --{key}={value.strip()})."
+        unquoted = yaml.safe_load(value.strip())
+        if test is None or test(unquoted if not isinstance(unquoted, str) else float(unquoted)):
+            kind = "boolean" if isinstance(unquoted, bool) else "number"
+            return f"write it without quotes, so YAML reads a {kind} (e.g. {key}: {value.strip()}, or " \
+                   f"--{key}={value.strip()})."
     return f"set {key}: {example} in a config file (or --{key}={example})."
 
 
 def _check_rules(settings, internal, model_type, problems):
     for key, (test, allowed, example) in RULES.items():
         if key in settings and not test(settings[key]):
-            problems.add(key, settings[key], allowed, _fix_for(key, settings[key], example))
+            problems.add(key, settings[key], allowed, _fix_for(key, settings[key], example, test))
     for key in SIZE_KEYS:
         if key in settings and _is_int(internal.get(key)) and not _int_at_least(1)(settings[key]):
-            problems.add(key, settings[key], "an integer >= 1", _fix_for(key, settings[key], internal[key]))
+            problems.add(key, settings[key], "an integer >= 1",
+                         _fix_for(key, settings[key], internal[key], _int_at_least(1)))
     if model_type == ModelType.SEQUENTIAL and settings.get("loss_type") not in (None, *SEQUENTIAL_LOSSES):
         problems.add("loss_type", settings["loss_type"], f"one of {', '.join(SEQUENTIAL_LOSSES)} for a sequential "
                      "model", "set loss_type: CE (full softmax over all items) or BPR (with train_neg_sample_args).")
