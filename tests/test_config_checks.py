@@ -106,6 +106,14 @@ def test_evaluation_and_other_settings_are_checked_before_recbole_reads_them(tmp
     assert re.search(expected, one_error(tmp_path, **settings)), one_error(tmp_path, **settings)
 
 
+def test_values_as_recbole_converts_them_pass(tmp_path):
+    """Guard: a config_dict's "[20,25]" arrives as the list [20, 25] (RecBole evaluates the text), which RecBole's
+    interval filter reads as str(value); a single metric or k need no list; a metric's case does not matter."""
+    for interval in ("[20,25]", "(0,1];[3,inf)", "[1e1,2e3]"):
+        build(tmp_path, user_inter_num_interval=interval)
+    build(tmp_path, metrics="Recall", topk=10, valid_metric="recall@10")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 3. silence: a negative epoch count, a key nothing reads, a gpu_id the machine lacks
 # ---------------------------------------------------------------------------------------------------------------

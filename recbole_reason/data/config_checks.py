@@ -94,7 +94,25 @@ def _int_at_least(minimum):
     return lambda value: _is_int(value) and value >= minimum
 
 
-INTERVAL = re.compile(r"^\s*[\[(]\s*(-?inf|[-+]?\d+(\.\d*)?)\s*,\s*(inf|[-+]?\d+(\.\d*)?)\s*[\])]\s*$")
+def _is_intervals(value):
+    """RecBole's `_parse_intervals_str` reads str(value) ("[4,inf)", "(0,1];[3,4)"; a config_dict's "[20,25]"
+    arrives as the list [20, 25]) and skips a malformed interval with a log line: the filter is then silently off."""
+    if value is None:
+        return True
+    if not isinstance(value, (str, list, tuple)):
+        return False
+    for part in str(value).split(";"):
+        part = part.strip()
+        ends = part[1:-1].split(",")
+        if len(part) < 2 or part[0] not in "[(" or part[-1] not in "])" or len(ends) != 2:
+            return False
+        try:
+            float(ends[0]), float(ends[1])
+        except ValueError:
+            return False
+    return True
+
+
 LOG_LEVELS = ("INFO", "DEBUG", "WARNING", "ERROR", "CRITICAL")
 LEARNERS = ("adam", "adamw", "sgd", "adagrad", "rmsprop", "sparse_adam")
 
@@ -117,12 +135,10 @@ RULES = {
     "learner": (lambda v: isinstance(v, str) and v.lower() in LEARNERS, f"one of {', '.join(LEARNERS)}", "adam"),
     "data_path": (lambda v: isinstance(v, str) and v != "", "a folder path", "dataset/"),
     "checkpoint_dir": (lambda v: isinstance(v, str) and v != "", "a folder path", "saved"),
-    "user_inter_num_interval": (lambda v: v is None or (isinstance(v, str) and all(
-        INTERVAL.match(part) for part in v.split(";"))), "null or intervals like \"[4,inf)\" (';' between several)",
-        '"[4,inf)"'),
-    "item_inter_num_interval": (lambda v: v is None or (isinstance(v, str) and all(
-        INTERVAL.match(part) for part in v.split(";"))), "null or intervals like \"[5,inf)\" (';' between several)",
-        '"[5,inf)"'),
+    "user_inter_num_interval": (lambda v: _is_intervals(v), "null or intervals like \"[4,inf)\" (';' between several)",
+                                '"[4,inf)"'),
+    "item_inter_num_interval": (lambda v: _is_intervals(v), "null or intervals like \"[5,inf)\" (';' between several)",
+                                '"[5,inf)"'),
 }
 for _key in ("reproducibility", "show_progress", "repeatable", "save_dataset", "save_dataloaders", "log_wandb",
              "filter_inter_by_user_or_item", "enable_amp", "enable_scaler"):
