@@ -50,7 +50,7 @@ def main(argv=None):
 
 def cli():
     """Bad input (a model without a depth, an invalid depth, a missing checkpoint) ends with one clear line."""
-    from recbole_reason.utils import run_cli
+    from recbole_reason.cli import run_cli
 
     run_cli(main)
 

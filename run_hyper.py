@@ -13,7 +13,7 @@ from recbole_reason.hyper import main  # noqa: F401  (the command line lives bes
 
 def cli():
     """Console script: a bad option or search space ends with one clear line, not a traceback."""
-    from recbole_reason.utils import run_cli
+    from recbole_reason.cli import run_cli
 
     run_cli(main)
 

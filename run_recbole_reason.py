@@ -14,7 +14,7 @@ Any further `--key=value` is a RecBole config override (read by Config from the 
 import argparse
 import sys
 
-from recbole_reason.utils import keep_config_overrides
+from recbole_reason.cli import keep_config_overrides
 
 
 def parse_args(argv=None):
@@ -82,7 +82,7 @@ def main(argv=None):
 
 def cli():
     """Bad input (unknown model, missing dataset, invalid setting) ends with one clear line, not a traceback."""
-    from recbole_reason.utils import run_cli
+    from recbole_reason.cli import run_cli
 
     run_cli(main)
 

@@ -32,7 +32,7 @@ import warnings
 
 import numpy as np
 
-from recbole_reason.utils import parse_setting
+from recbole_reason.cli import parse_setting
 
 RUNS_FILE = "runs.jsonl"
 TABLE_STEM = "comparison"

@@ -110,7 +110,7 @@ def main(argv=None):
     """The command line of run_hyper.py and of `run_recbole_reason.py --hyper` (both scripts call this one)."""
     import argparse
 
-    from recbole_reason.utils import keep_config_overrides
+    from recbole_reason.cli import keep_config_overrides
 
     parser = argparse.ArgumentParser(description=CLI_USAGE, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", "-m", required=True)

@@ -24,7 +24,6 @@ from logging import getLogger
 
 import torch
 from recbole.data import data_preparation
-from recbole.data.interaction import Interaction
 from recbole.utils import ModelType, init_seed
 
 from recbole_reason.checkpoint import checkpoint_mismatch, item_id_fingerprint
