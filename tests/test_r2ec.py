@@ -11,12 +11,8 @@ from recbole.utils import init_seed
 
 from recbole_reason import create_dataset, get_model, get_trainer
 from recbole_reason.compat import load_checkpoint
-from recbole_reason.model.sequential_recommender.r2ec import (
-    ANS,
-    ITEMP,
-    PAD,
-    THINK,
-    UNK,
+from recbole_reason.data.r2ec_vocab import ANS, ITEMP, PAD, THINK, UNK, render_token
+from recbole_reason.model.rl import (
     fused_reward,
     recpo_group_advantages,
     recpo_item_loss,
@@ -77,20 +73,18 @@ def test_vocabulary_is_built_from_item_features(tiny_data):
     assert vocab.size == vocab.attr_offset + len(vocab.attr_global) + vocab.n_ratings
     # Item 1's prompt: [ITEMP] <its ID token> <its attributes> [ANS], and the genre tokens render as its genres.
     item = 1
-    row = model.item_prompt[item]
-    assert row[0] == ITEMP and row[1] == vocab.item_offset + item and row[model.item_ans_pos[item]] == ANS
+    row = model.backbone.item_prompt[item]
+    assert row[0] == ITEMP and row[1] == vocab.item_offset + item and row[model.backbone.item_ans_pos[item]] == ANS
     rendered = {model_render(model, dataset, int(t)) for t in row if vocab.kind(int(t)) == "attribute"}
     genres = {f"class:{dataset.id2token('class', int(g))}" for g in dataset.get_item_feature()["class"][item] if g > 0}
     assert genres & rendered, (genres, rendered)
     # A stricter frequency threshold sends more attribute values to [UNK].
     strict = _model(tiny_data, r2ec_vocab_min_freq=50)
     assert len(strict.vocab.attr_global) < len(vocab.attr_global)
-    assert (strict.item_prompt == UNK).sum() > (model.item_prompt == UNK).sum()
+    assert (strict.backbone.item_prompt == UNK).sum() > (model.backbone.item_prompt == UNK).sum()
 
 
 def model_render(model, dataset, token):
-    from recbole_reason.model.sequential_recommender.r2ec import render_token
-
     return render_token(model.vocab, dataset, token)
 
 
@@ -107,7 +101,7 @@ def test_vocabulary_with_amazon_attributes_and_without_features(tiny_data, caplo
     model = get_model("R2ec")(config, train_data._dataset)
     assert model.vocab.attributes is None
     assert "described by their ID token alone" in caplog.text
-    assert model.item_prompt.shape[1] == 3  # [ITEMP] <ID> [ANS]
+    assert model.backbone.item_prompt.shape[1] == 3  # [ITEMP] <ID> [ANS]
     batch = next(iter(train_data))[:8]
     assert torch.isfinite(sum(model.calculate_loss(batch))).all()
     with pytest.raises(ValueError, match="r2ec_item_id_token"):
@@ -121,21 +115,20 @@ def test_vocabulary_with_amazon_attributes_and_without_features(tiny_data, caplo
     "key, value",
     [("r2ec_group_size", 1), ("r2ec_max_reason_len", 0), ("r2ec_relabel_topk", 3), ("r2ec_sim_temperature", 0),
      ("r2ec_advantage_type", "rloo"), ("r2ec_reason_tokens", ["words"]), ("r2ec_warmup_candidates", "all"),
-     ("r2ec_backbone", "hf")],
+     ("r2ec_sft_rationale", "gold"), ("r2ec_backbone", "gpt")],
 )
 def test_bad_settings_raise_clear_errors(tiny_data, key, value):
-    with pytest.raises(ValueError, match=key if key != "r2ec_backbone" else "r2ec_hf_path"):
+    with pytest.raises(ValueError, match=key):
         _model(tiny_data, **{key: value})
 
 
-def test_transformers_is_imported_only_when_configured(tiny_data):
+def test_transformers_is_imported_only_when_configured(tiny_data, monkeypatch):
     _model(tiny_data)
-    assert "transformers" not in sys.modules
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        with pytest.raises(ValueError, match="transformers"):
-            _model(tiny_data, r2ec_backbone="hf", r2ec_hf_path="/nonexistent")
+    assert "transformers" not in sys.modules and "recbole_reason.model.r2ec_llm" not in sys.modules
+    # Without the [llm] extra (the module cannot be imported), the hf backbone is one line naming the install.
+    monkeypatch.setitem(sys.modules, "recbole_reason.model.r2ec_llm", None)
+    with pytest.raises(ValueError, match=r'^r2ec_backbone: hf needs the LLM extra .*pip install -e "\.\[llm\]"'):
+        _model(tiny_data, r2ec_backbone="hf")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -249,14 +242,14 @@ def test_recpo_reasoning_gradient_reaches_the_model_and_code_compat_kills_it(tin
         (token_loss, item_loss), stats = model.recpo_loss(batch)
         assert item_loss.item() == 0.0 and 0 <= stats["reward"] <= 1
         token_loss.backward()
-        norms[compat] = model.backbone.tok_emb.weight.grad.norm().item()
+        norms[compat] = model.backbone.lm.tok_emb.weight.grad.norm().item()
     assert norms[False] > 1e-4
     assert norms[True] < 1e-4 * norms[False]  # float rounding only: ~0 as in spec 2.1
 
 
 def test_warmup_losses_catalogue_softmax_and_in_batch(tiny_data):
     batch = _batch(tiny_data, 16)
-    model = _model(tiny_data, r2ec_lm_loss_weight=0.0).eval()  # eval: no dropout, so the two encodings agree
+    model = _model(tiny_data, r2ec_lm_loss_weight=0.0, r2ec_warmup_reasoning="empty").eval()  # eval: no dropout
     loss = model.calculate_loss(batch)
     with torch.no_grad():
         h_u, _, _ = model.forward_with_reasoning(model.user_prompt(batch), torch.full((16, 1), ANS))
@@ -269,7 +262,7 @@ def test_warmup_losses_catalogue_softmax_and_in_batch(tiny_data):
     rec_loss, lm_loss = in_batch.calculate_loss(batch)
     assert rec_loss.item() > 0 and lm_loss.item() > 0
     (rec_loss + lm_loss).backward()
-    assert in_batch.backbone.tok_emb.weight.grad[in_batch.vocab.item_offset + batch["item_id"]].abs().sum() > 0
+    assert in_batch.backbone.lm.tok_emb.weight.grad[in_batch.vocab.item_offset + batch["item_id"]].abs().sum() > 0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -308,7 +301,7 @@ def test_warmup_then_recpo_end_to_end_with_checkpoint_reload(tiny_data, tmp_path
     assert type(trainer).__name__ == "R2ecTrainer"
     trainer.fit(train_data, valid_data, saved=True)
     assert set(trainer.stage_results) == {"warmup", "recpo"} and trainer.recpo_steps == len(train_data)
-    assert model.backbone.drop.p == 0.0  # RecPO ran without dropout
+    assert model.backbone.lm.drop.p == 0.0  # RecPO ran without dropout
     result = trainer.evaluate(test_data, load_best_model=True)
     assert 0 <= result["ndcg@10"] <= 1
 
