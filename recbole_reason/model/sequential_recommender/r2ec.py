@@ -271,7 +271,9 @@ class R2ec(SequentialRecommender):
             "reward_best": rewards.max(dim=1).values.mean().item(),
             "reward_spread": (rewards.max(dim=1).values - rewards.min(dim=1).values).mean().item(),
             "reasoning_len": sampled.float().sum(dim=1).mean().item(),
-            "stopped_at_ans": ((reasoning == self.backbone.answer_id) & sampled).any(dim=1).float().mean().item(),
+            # a row stopped by itself when its last token (the answer marker) was sampled, not forced
+            "stopped_at_ans": sampled.gather(1, (reasoning != self.backbone.pad_id).sum(1, keepdim=True) - 1)
+            .float().mean().item(),
         }
         return (self.token_loss_weight * token_loss, self.item_loss_weight * item_loss), stats
 
