@@ -471,3 +471,46 @@ def test_explain_users_on_a_model_without_reasoning_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="generates no readable reasoning"):
         run_recbole_reason("GRU4Rec", "tiny", [TINY_CONFIG], {"data_path": DATA_PATH, "checkpoint_dir": str(tmp_path),
                                                              "explain_users": ["105"]}, saved=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reasoning-content control: generated vs the same number of constant / random tokens
+# ----------------------------------------------------------------------------------------------------------------
+def test_constant_and_random_reasoning_keep_the_generated_lengths(tiny_data):
+    model = _model(tiny_data).eval()
+    prompt = model.user_prompt(_batch(tiny_data, 16))
+    torch.manual_seed(0)
+    generated = model.backbone.generate(prompt, 3, temperature=1.0)
+    constant = model.backbone.constant_reasoning(generated)
+    random_a = model.backbone.random_reasoning(generated, torch.Generator().manual_seed(1))
+    random_b = model.backbone.random_reasoning(generated, torch.Generator().manual_seed(1))
+    content = (generated.tokens != PAD) & (generated.tokens != ANS)
+    assert content.any()
+    for control in (constant, random_a):
+        assert torch.equal(control.tokens == ANS, generated.tokens == ANS)
+        assert torch.equal(control.tokens == PAD, generated.tokens == PAD)
+        assert model.reason_allowed[control.tokens[content]].all()
+    assert constant.tokens[content].unique().numel() == 1
+    assert random_a.tokens[content].unique().numel() > 1 and torch.equal(random_a.tokens, random_b.tokens)
+    with pytest.raises(ValueError, match="reasoning content must be one of"):
+        model.set_reasoning_content("silent")
+
+
+def test_content_control_on_a_checkpoint_reports_per_user_paired_differences(tmp_path):
+    """run_depth_study.py --content_control: the checkpoint at its trained depth with generated, constant and random
+    reasoning; the generated run reproduces the training run's valid result, the paired tests cover every user."""
+    import json
+
+    from recbole_reason import run_recbole_reason
+    from recbole_reason.depth_study import content_control
+
+    config_dict = {"data_path": DATA_PATH, **SMALL, "epochs": 1, "recpo_epochs": 0, "train_batch_size": 128,
+                   "user_inter_num_interval": "[20,25]", "checkpoint_dir": str(tmp_path)}
+    trained = run_recbole_reason("R2ec", "tiny", [TINY_CONFIG], config_dict, saved=True)
+    result = content_control(trained["saved_model_file"], split="valid", metric="ndcg@10", out_dir=str(tmp_path / "c"))
+    record = json.load(open(result["files"]["json"]))
+    assert set(record["results"]) == {"generated", "constant", "random"} and set(record["paired"]) == {"constant", "random"}
+    assert record["results"]["generated"] == pytest.approx(dict(trained["best_valid_result"]), abs=1e-4)
+    assert all(test["n"] == 31 for test in record["paired"].values())  # the 31 users of the interval
+    assert "| constant |" in open(result["files"]["md"]).read()
+    assert (tmp_path / "c" / "reasoning_content_random.npz").is_file()

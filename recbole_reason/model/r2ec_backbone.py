@@ -204,7 +204,8 @@ class TinyBackbone(nn.Module):
                     f"Dataset '{dataset.dataset_name}' has no item features and r2ec_item_id_token is false: items "
                     "would have no tokens at all. Fix: set r2ec_item_id_token: true or load item features."
                 )
-            self.no_features = missing_item_features(dataset) or "r2ec_text_fields names none"
+            self.no_features = (f"dataset '{dataset.dataset_name}' has no token/token_seq item features "
+                                f"({missing_item_features(dataset) or 'r2ec_text_fields names none'})")
         if self.vocab.n_gaps:
             times = dataset.inter_feat[self.time_field].float()
             self.max_gap = float(times.max() - times.min()) or 1.0
@@ -407,8 +408,7 @@ class TinyBackbone(nn.Module):
     def describe(self):
         v = self.vocab
         if v.attributes is None:
-            return (f"R2ec: the dataset has no token/token_seq item features ({self.no_features}); items are "
-                    f"described by their ID token alone ({v.size} tokens).")
+            return f"R2ec: {self.no_features}; items are described by their ID token alone ({v.size} tokens)."
         return (f"R2ec vocabulary: {v.size} tokens ({len(SPECIALS)} specials, "
                 f"{v.n_items if self.item_id_token else 0} item IDs, {len(v.attr_global)} attribute values "
                 f"from {v.attributes.fields if v.attributes else []}, {v.n_ratings} ratings, {v.n_gaps} time gaps)")

@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from recbole.model.abstract_recommender import SequentialRecommender
 
-from recbole_reason.data.r2ec_vocab import ANS, REASON_TOKEN_KINDS, item_title  # noqa: F401 (ANS: read from here by older callers)
+# ANS and R2ecVocabulary are re-exported: other test files import them from here.
+from recbole_reason.data.r2ec_vocab import ANS, REASON_TOKEN_KINDS, R2ecVocabulary, item_title  # noqa: F401
 from recbole_reason.model.r2ec_backbone import RATIONALES, Reasoning, TinyBackbone
 from recbole_reason.model.rl import (
     fused_reward, recpo_group_advantages, recpo_item_loss, recpo_token_loss, relabel_mask,
@@ -152,6 +153,10 @@ class R2ec(SequentialRecommender):
     @property
     def reason_allowed(self):
         return self.backbone.reason_allowed
+
+    @property
+    def item_prompt(self):
+        return self.backbone.item_prompts(slice(None))
 
     def user_prompt(self, interaction):
         return self.backbone.user_prompts(interaction)
