@@ -8,6 +8,10 @@ Depth knobs: ReaRec reason_step, LARES test_recurrence, R2ec r2ec_max_reason_len
 --depths each model gets depths below, at and beyond its trained one. Further `--key=value` arguments are config
 settings: the training run's when it trains first, else applied to each checkpoint's stored config at evaluation
 (e.g. --data_path=..., --eval_batch_size=...). Writes <out_dir>/depth_study.{md,csv,jsonl} and the figure depth_study.{png,pdf,svg}.
+
+    python run_depth_study.py --checkpoints saved/R2ec-a.pth --content_control   # generated vs constant vs random
+--content_control evaluates each checkpoint at its trained depth with its generated reasoning, the same number of
+constant tokens and random tokens, and writes <out_dir>/reasoning_content.{md,json} with per-user paired tests.
 """
 
 import argparse
@@ -25,6 +29,8 @@ def parse_args(argv=None):
     parser.add_argument("--metric", default=None, help="metric to plot, e.g. ndcg@10 (default: the valid_metric)")
     parser.add_argument("--split", default="test", choices=["test", "valid"])
     parser.add_argument("--out_dir", default="depth_study")
+    parser.add_argument("--content_control", action="store_true",
+                        help="instead of depths: generated vs constant vs random reasoning of the same length (R2ec)")
     return parser.parse_known_args(argv)
 
 
@@ -37,6 +43,20 @@ def main(argv=None):
     config_dict = cli_config_overrides(rest)
 
     split_list = lambda text: [part for part in text.replace(",", " ").split() if part] if text else None  # noqa: E731
+    if args.content_control:
+        from recbole_reason.depth_study import content_control
+
+        checkpoints = split_list(args.checkpoints)
+        if not checkpoints:
+            raise ValueError("--content_control: pass --checkpoints (trained R2ec .pth files).")
+        results = []
+        for index, checkpoint in enumerate(checkpoints):
+            out_dir = args.out_dir if len(checkpoints) == 1 else f"{args.out_dir}/{index + 1}"
+            result = content_control(checkpoint, config_dict=config_dict, split=args.split, metric=args.metric,
+                                     out_dir=out_dir)
+            print(open(result["files"]["md"], encoding="utf-8").read())
+            results.append(result)
+        return results
     result = depth_study(
         checkpoints=split_list(args.checkpoints), model=args.model, dataset=args.dataset, depths=args.depths,
         config_file_list=args.config_files.split() if args.config_files else None, config_dict=config_dict,

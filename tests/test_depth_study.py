@@ -21,7 +21,7 @@ from recbole_reason.data import mpq_tokenizer as mpq
 from recbole_reason.depth_study import apply_evaluation_settings, depth_study
 from recbole_reason.figures import depth_figure
 from recbole_reason.model.sequential_recommender.lares import LARES
-from recbole_reason.model.sequential_recommender.r2ec import ANS, R2ec, TinyCausalLM
+from recbole_reason.model.sequential_recommender.r2ec import ANS, R2ec
 from recbole_reason.model.sequential_recommender.rearec import ReaRec
 from recbole_reason.model.sequential_recommender.reg4rec import UNREACHED, REG4Rec
 from recbole_reason.trainer.lares_trainer import LARESTrainer
@@ -52,8 +52,7 @@ def test_depth_knobs_validate_and_return_the_previous_depth():
     with pytest.raises(ValueError, match="test_recurrence"):
         LARES.set_reasoning_depth(lares, 0)
 
-    backbone = TinyCausalLM(10, 30, 4, 1, 1, 8, 0.0, 0.0, 1e-12, 0.02)  # 30 positions: prompts of 20 + 8 + [ANS] + 1
-    r2ec = SimpleNamespace(max_reason_len=8, backbone=backbone, max_prompt_len=20, item_prompt=torch.zeros(5, 6))
+    r2ec = SimpleNamespace(max_reason_len=8, backbone=SimpleNamespace(max_reasoning_len=8))  # its position table's limit
     assert R2ec.set_reasoning_depth(r2ec, 0) == 8 and R2ec.set_reasoning_depth(r2ec, 8) == 0
     with pytest.raises(ValueError, match=r"r2ec_max_reason_len .* \[0, 8\]"):
         R2ec.set_reasoning_depth(r2ec, 9)  # the position table holds no more

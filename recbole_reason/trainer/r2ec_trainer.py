@@ -7,10 +7,17 @@ is one fully on-policy RecPO step: K rollouts per user, fused reward, group adva
 optimizer step. The item table is fully re-encoded every `r2ec_item_refresh_steps` steps (its in-batch target rows
 are overwritten at every step by the model). No KL and no reference model: `self.reference_model` is unused.
 The best checkpoint of either stage is saved in the one RecBole checkpoint file (`evaluate` and tuning find it).
-`recpo_epochs: 0` gives the warm-up-only variant. `recpo_clip_grad_norm` clips RecPO's gradients (null:
-clip_grad_norm). Resume: the item table (a non-persistent buffer) and both step counters are in the resume state.
+`recpo_epochs: 0` gives the warm-up-only variant. `recpo_clip_grad_norm` (official 1.0) clips RecPO's gradients
+(null: clip_grad_norm); with `recpo_balance_losses` the token and the item loss's gradients are first clipped each on
+its own (`rl.balanced_gradients`: their raw norms differ by ~3000x, and one clip of the sum kept the item loss's
+direction only), then their sum is clipped again. Under DDP the losses are summed unbalanced (DDP reduces
+gradients in backward hooks that `torch.autograd.grad` does not fire). Resume: the item table (a non-persistent
+buffer) and the RecPO step counter are in the resume state.
 """
 
+import torch
+
+from recbole_reason.model.rl import balanced_gradients
 from recbole_reason.trainer.base import PostTrainingTrainer
 
 
@@ -26,6 +33,8 @@ class R2ecTrainer(PostTrainingTrainer):
     def __init__(self, config, model):
         super().__init__(config, model)
         self.recpo_steps = 0
+        # Balancing clips each loss to the stage's max norm: without one (both clip settings null) there is none.
+        self.balance_losses = bool(config["recpo_balance_losses"]) and bool(self.post_clip_grad_norm)
 
     def start_post_training(self, train_data):
         self.model.set_dropout(0.0)
@@ -36,8 +45,8 @@ class R2ecTrainer(PostTrainingTrainer):
         self.model.set_dropout(0.0)  # the item table itself comes back with the model's buffers
 
     # Resume: besides the item table (a non-persistent buffer, kept by the resume state), the next step reads the
-    # RecPO step counter and the model's warm-up step counter (both decide when the table is re-encoded).
-    MODEL_COUNTERS = ("_warmup_steps", "_table_dirty")
+    # RecPO step counter (it decides when the table is re-encoded) and whether the table is stale.
+    MODEL_COUNTERS = ("_table_dirty",)
 
     def _extra_resume_state(self):
         extra = super()._extra_resume_state()
@@ -62,5 +71,10 @@ class R2ecTrainer(PostTrainingTrainer):
             self.model.refresh_item_table()
         self.recpo_steps += 1
         losses, stats = self.model.recpo_loss(interaction)
+        if self.balance_losses and not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+            norms = balanced_gradients(losses, self.model.parameters(), self.post_clip_grad_norm["max_norm"])
+            stats.update(token_grad_norm=norms[0], item_grad_norm=norms[1])
+            # The gradients are in .grad now; RecBole's backward of the returned values must add nothing to them.
+            losses = tuple(loss.detach().requires_grad_() for loss in losses)
         self.record(**stats, token_loss=losses[0].item(), item_loss=losses[1].item())
         return losses

@@ -1,0 +1,154 @@
+"""Issue 18's CPU check of R2ec (tiny backbone) against SASRec on ml-100k, per seed, in one process.
+
+    python bench/r2ec_learns.py --seeds 2020,2021,2022 --tag r2ec_learns_ml-100k_cpu --set user_inter_num_interval=[20,40]
+
+Per seed: SASRec and R2ec (warm-up, then RecPO) on the same split; records CPU process seconds of each fit (the
+budget), valid NDCG@10 of R2ec's warm-up and RecPO stages, test metrics, per-user test values (paired test over
+users against SASRec, pooled over seeds), and the reasoning-content control (generated vs constant vs random
+reasoning of the same lengths) on test. Writes bench/results/<tag>.{jsonl,md} and per-user .npz files.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+
+def run_seed(model_name, seed, overrides, out_dir):
+    from recbole.data import data_preparation
+    from recbole.utils import init_seed
+
+    from recbole_reason import create_dataset, get_model, get_trainer
+    from recbole_reason.config import Config
+    from recbole_reason.depth_study import content_control_results
+    from recbole_reason.per_user import per_user_metrics, save_per_user
+
+    config = Config(model=model_name, dataset="ml-100k", config_file_list=[os.path.join(REPO, "bench/configs/cpu.yaml")],
+                    config_dict={**overrides.get("all", {}), **overrides.get(model_name, {}), "seed": seed,
+                                 "checkpoint_dir": os.path.join(out_dir, "saved"), "save_resume_state": False})
+    init_seed(seed, True)
+    dataset = create_dataset(config)
+    train_data, valid_data, test_data = data_preparation(config, dataset)
+    init_seed(seed, True)
+    model = get_model(model_name)(config, train_data._dataset)
+    trainer = get_trainer(config["MODEL_TYPE"], model_name)(config, model)
+    valid_log = []  # (stage, valid NDCG@10) of every validation: RecPO's own epochs, not the best so far
+    valid_epoch = trainer._valid_epoch
+
+    def logged_valid_epoch(data, show_progress=False):
+        score, result = valid_epoch(data, show_progress=show_progress)
+        valid_log.append((getattr(trainer, "stage", "supervised"), float(result["ndcg@10"])))
+        return score, result
+
+    trainer._valid_epoch = logged_valid_epoch
+    cpu, wall = time.process_time(), time.perf_counter()
+    trainer.fit(train_data, valid_data, saved=True)
+    record = {"model": model_name, "seed": seed, "fit_cpu_s": time.process_time() - cpu,
+              "fit_wall_s": time.perf_counter() - wall, "train_rows": len(train_data.dataset),
+              "test_users": None, "config": {k: config[k] for k in ("MAX_ITEM_LIST_LENGTH", "hidden_size", "epochs",
+                                                                    "train_batch_size", "learning_rate")}}
+    result, values = per_user_metrics(trainer, test_data, load_best_model=True)
+    record["test"] = {k: float(v) for k, v in result.items()}
+    record["test_users"] = int(len(values["user_id"]))
+    save_per_user(os.path.join(out_dir, f"{model_name}_{seed}.npz"), values)
+    if model_name == "R2ec":
+        record["valid_log"] = valid_log
+        record["stage_valid_ndcg@10"] = {stage: max(v for s, v in valid_log if s == stage) for stage, _ in valid_log}
+        results, per_content, tests = content_control_results(model, trainer, test_data, "ndcg@10")
+        record["content_control"] = {"ndcg@10": {c: float(r["ndcg@10"]) for c, r in results.items()}, "paired": tests}
+        users = [str(u) for u in test_data._dataset.field2id_token[config["USER_ID_FIELD"]][1:4]]
+        record["reasoning_examples"] = model.explain(test_data._dataset, users)
+    return record
+
+
+def summarize(records, out_dir, command):
+    from recbole_reason.per_user import load_per_user, paired_test, pool_over_seeds
+
+    from recbole_reason.compare import device_name
+
+    seeds = sorted({r["seed"] for r in records})
+    by = lambda m: sorted((r for r in records if r["model"] == m), key=lambda r: r["seed"])  # noqa: E731
+    lines = ["## R2ec (tiny backbone) vs SASRec, ml-100k, CPU", "",
+             f"- command: `{command}`", f"- device: {device_name()}", f"- commit: {records[0]['commit']}",
+             f"- seeds: {', '.join(map(str, seeds))}", "",
+             "**CPU figures** (no GPU was lent to this task). Test split, RecBole full ranking.", "",
+             "| model | seeds | NDCG@10 (mean ± std) | Recall@10 | fit CPU s (mean) | train rows |", "|---|---:|---:|---:|---:|---:|"]
+    for m in ("SASRec", "R2ec"):
+        runs = by(m)
+        if not runs:
+            continue
+        nd = [r["test"]["ndcg@10"] for r in runs]
+        rc = [r["test"]["recall@10"] for r in runs]
+        lines.append(f"| {m} | {len(runs)} | {np.mean(nd):.4f} ± {np.std(nd, ddof=1) if len(nd) > 1 else 0:.4f} | "
+                     f"{np.mean(rc):.4f} | {np.mean([r['fit_cpu_s'] for r in runs]):.0f} | {runs[0]['train_rows']} |")
+    r2ec = by("R2ec")
+    if r2ec and by("SASRec"):
+        pooled = {m: pool_over_seeds([load_per_user(os.path.join(out_dir, f"{m}_{r['seed']}.npz")) for r in by(m)
+                                      if r["seed"] in {x["seed"] for x in r2ec}]) for m in ("SASRec", "R2ec")}
+        from recbole_reason.per_user import align
+
+        a, b, _ = align(pooled["R2ec"], pooled["SASRec"], "ndcg@10")
+        test = paired_test(a, b)
+        lines += ["", f"Paired over users (per-user NDCG@10 averaged over the seeds both ran), R2ec - SASRec: "
+                  f"mean diff {test['mean_diff']:+.4f}, one-sided Wilcoxon p = {test['wilcoxon_p']:.3g}, t-test p = "
+                  f"{test['ttest_p']:.3g}, 95% CI [{test['ci_low']:+.4f}, {test['ci_high']:+.4f}], n = {test['n']}."]
+        lines += ["", "| seed | warm-up valid NDCG@10 | RecPO valid NDCG@10 | RecPO >= warm-up | test generated | "
+                  "constant (diff, Wilcoxon p) | random (diff, Wilcoxon p) |", "|---:|---:|---:|---|---:|---|---|"]
+        for r in r2ec:
+            sv, cc = r["stage_valid_ndcg@10"], r["content_control"]
+            w, p = sv.get("warmup", float("nan")), sv.get("recpo", float("nan"))
+            cell = lambda c: f"{cc['ndcg@10'][c]:.4f} ({cc['paired'][c]['mean_diff']:+.4f}, {cc['paired'][c]['wilcoxon_p']:.3g})"  # noqa: E731
+            lines.append(f"| {r['seed']} | {w:.4f} | {p:.4f} | {'yes' if p >= w else 'no'} | "
+                         f"{cc['ndcg@10']['generated']:.4f} | {cell('constant')} | {cell('random')} |")
+        lines += ["", "Reasoning examples (first seed, greedy, test users):", ""]
+        for e in r2ec[0]["reasoning_examples"]:
+            lines.append(f"- user {e['user']}: history (last 5) {e['history'][-5:]}; reasoning: {' '.join(e['reasoning'])}; "
+                         f"top items {e['top_items'][:3]}; target {e['target']}")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seeds", default="2020,2021,2022")
+    parser.add_argument("--models", default="SASRec,R2ec")
+    parser.add_argument("--tag", required=True)
+    parser.add_argument("--set", nargs="*", default=[], help="key=value for both models")
+    parser.add_argument("--sasrec", nargs="*", default=[], help="key=value for SASRec only")
+    parser.add_argument("--r2ec", nargs="*", default=[], help="key=value for R2ec only")
+    parser.add_argument("--rebuild", action="store_true")
+    args = parser.parse_args()
+    command = "python bench/r2ec_learns.py " + " ".join(sys.argv[1:])
+    sys.argv = sys.argv[:1]
+    import yaml
+
+    parse = lambda pairs: {k: yaml.safe_load(v) for k, v in (p.split("=", 1) for p in pairs)}  # noqa: E731
+    overrides = {"all": parse(args.set), "SASRec": parse(args.sasrec), "R2ec": parse(args.r2ec)}
+    out_dir = os.path.join(REPO, "bench", "results", args.tag)
+    os.makedirs(out_dir, exist_ok=True)
+    jsonl = os.path.join(REPO, "bench", "results", f"{args.tag}.jsonl")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    torch.set_num_threads(1)
+    if not args.rebuild:
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            for model in args.models.split(","):
+                record = {**run_seed(model, seed, overrides, out_dir), "commit": commit, "command": command}
+                with open(jsonl, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record, default=float) + "\n")
+                print(model, seed, record["test"]["ndcg@10"], record.get("stage_valid_ndcg@10"), flush=True)
+                records = [json.loads(line) for line in open(jsonl, encoding="utf-8")]
+                open(os.path.join(REPO, "bench", "results", f"{args.tag}.md"), "w").write(
+                    summarize(records, out_dir, records[0]["command"]))
+    records = [json.loads(line) for line in open(jsonl, encoding="utf-8")]
+    open(os.path.join(REPO, "bench", "results", f"{args.tag}.md"), "w").write(summarize(records, out_dir, records[0]["command"]))
+
+
+if __name__ == "__main__":
+    main()
