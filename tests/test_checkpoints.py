@@ -206,7 +206,7 @@ def test_clip_settings_parse_and_validate(data, tmp_path):
         with pytest.raises(ValueError, match=message):
             parse_clip_grad_norm("recpo_clip_grad_norm", bad)
     # null: the RL stage inherits RecBole's clip_grad_norm; a value: its own
-    _, _, inherits = build("R2ec", data, tmp_path, clip_grad_norm={"max_norm": 5.0})
+    _, _, inherits = build("R2ec", data, tmp_path, clip_grad_norm={"max_norm": 5.0}, recpo_clip_grad_norm=None)
     assert inherits.post_clip_grad_norm == {"max_norm": 5.0}
     with pytest.raises(ValueError, match="recpo_clip_grad_norm: max_norm must be a number > 0, got -1"):
         build("R2ec", data, tmp_path, recpo_clip_grad_norm=-1)
