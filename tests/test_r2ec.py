@@ -2,6 +2,7 @@
 
 import logging
 import os
+import subprocess
 import sys
 
 import pytest
@@ -123,8 +124,16 @@ def test_bad_settings_raise_clear_errors(tiny_data, key, value):
 
 
 def test_transformers_is_imported_only_when_configured(tiny_data, monkeypatch):
-    _model(tiny_data)
-    assert "transformers" not in sys.modules and "recbole_reason.model.r2ec_llm" not in sys.modules
+    # In a fresh interpreter: earlier tests of the same process (the hf backbone's) may have imported transformers.
+    script = ("import sys; sys.argv = ['x']; from recbole_reason import Config, create_dataset, get_model; "
+              f"config = Config(model='R2ec', config_file_list=[{TINY_CONFIG!r}], "
+              f"config_dict={{'dataset': 'tiny', 'data_path': {DATA_PATH!r}, **{SMALL!r}}}); "
+              "from recbole.data import data_preparation; train_data = data_preparation(config, create_dataset(config))[0]; "
+              "get_model('R2ec')(config, train_data._dataset); "
+              "print(sorted({'transformers', 'recbole_reason.model.r2ec_llm'} & set(sys.modules)))")
+    imported = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                              cwd=os.getcwd()).stdout.strip().splitlines()[-1]
+    assert imported == "[]", imported
     # Without the [llm] extra (the module cannot be imported), the hf backbone is one line naming the install.
     monkeypatch.setitem(sys.modules, "recbole_reason.model.r2ec_llm", None)
     with pytest.raises(ValueError, match=r'^r2ec_backbone: hf needs the LLM extra .*pip install -e "\.\[llm\]"'):
