@@ -64,7 +64,7 @@ def build(tiny_data, **overrides):
 def settings(**overrides):
     values = dict(num_codebooks=3, codebook_size=8, max_codebooks=8, latent_dim=4, hidden_dim=16, input_dim=8, epochs=15,
                   learning_rate=3e-3, batch_size=64, beta=0.25, lambda_vq=1.0, lambda_orth=0.1, lambda_bal=0.01,
-                  feature_source="features", cf_epochs=0, cf_dim=8, n_pseudo_cat=4, category_field=None, seed=0)
+                  feature_source="features", cf_epochs=0, cf_dim=8, cf_patience=0, cf_layers=1, cf_learning_rate=1e-3, n_pseudo_cat=4, category_field=None, seed=0)
     values.update(overrides)
     s = mpq.TokenizerSettings(**values)
     s.validate()
