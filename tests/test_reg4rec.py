@@ -241,6 +241,7 @@ def test_crss_emits_the_most_confident_codebook_first(tiny_data):
     target = model.item_vocab_tokens(target_items)
     model.next_token_logits = fixed_logits(model, [target[0, 2], target[0, 0], target[0, 1]])
     memory, padding = model.encode(batch["item_id_list"][:4], batch["item_length"][:4])
+    model.crss_mode = "confidence"  # the paper's literal rule (the default, decoding: tests/test_reg4rec_fixes.py)
     assert model.crss_order(memory, padding, target)[0].tolist() == [2, 0, 1]
     model.crss_mode = "fixed"
     assert model.crss_order(memory, padding, target)[0].tolist() == [0, 1, 2]

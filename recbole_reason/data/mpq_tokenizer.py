@@ -215,12 +215,14 @@ class _CFSequenceModel(nn.Module):
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
 
-    def forward(self, items):
+    def hidden(self, items):
         length = items.size(1)
         h = self.item_embedding(items) + self.position_embedding(torch.arange(length, device=items.device))
         causal = torch.triu(torch.ones(length, length, dtype=torch.bool, device=items.device), 1)
-        h = self.encoder(h, mask=causal, src_key_padding_mask=items == 0)
-        return self.output_norm(h) @ self.item_embedding.weight.t()
+        return self.output_norm(self.encoder(h, mask=causal, src_key_padding_mask=items == 0))
+
+    def forward(self, items):
+        return self.hidden(items) @ self.item_embedding.weight.t()
 
 
 def _padded(sequences, width):
@@ -230,17 +232,28 @@ def _padded(sequences, width):
     return data
 
 
+def _length_batches(lengths, batch_size, shuffle):
+    """Row batches of similar length (sorted, ties broken at random) in random batch order: short sequences are
+    then not padded to the longest one (Amazon's mean length is ~9 of 50)."""
+    noise = torch.rand(len(lengths)) if shuffle else torch.zeros(len(lengths))
+    order = torch.from_numpy(np.lexsort((noise.numpy(), lengths.numpy())))
+    batches = list(order.split(batch_size))
+    permutation = torch.randperm(len(batches)) if shuffle else range(len(batches))
+    return [batches[i] for i in permutation]
+
+
 @torch.no_grad()
 def _held_out_cross_entropy(model, held_out, batch_size):
     """Mean next-item cross-entropy of each held-out last training item given the items before it."""
     model.eval()
     total, count = 0.0, 0
-    for start in range(0, len(held_out), batch_size):
-        batch = held_out[start : start + batch_size]
-        last = (batch > 0).sum(1) - 1  # position of the held-out item
-        logits = model(batch[:, :-1])[torch.arange(len(batch)), last - 1]
-        total += float(F.cross_entropy(logits, batch[torch.arange(len(batch)), last], reduction="sum"))
-        count += len(batch)
+    lengths = (held_out > 0).sum(1)
+    for rows in _length_batches(lengths, batch_size, shuffle=False):
+        batch, last = held_out[rows], lengths[rows] - 1  # last: position of the held-out item
+        h = model.hidden(batch[:, : int(last.max())])[torch.arange(len(rows)), last - 1]
+        logits = h @ model.item_embedding.weight.t()
+        total += float(F.cross_entropy(logits, batch[torch.arange(len(rows)), last], reduction="sum"))
+        count += len(rows)
     model.train()
     return total / max(count, 1)
 
@@ -267,6 +280,7 @@ def pretrain_cf_item_embeddings(dataset, dim, epochs, max_len=50, batch_size=128
     if not chunks:
         raise ValueError("No training sequence of length >= 2: cannot pretrain item embeddings for the tokenizer.")
     data = _padded(chunks, max_len + 1)
+    lengths = (data > 0).sum(1)
     held_out = _padded(held_out, max_len + 1) if held_out else None
     model = _CFSequenceModel(dataset.item_num, dim, max_len, layers, dropout)
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
@@ -275,10 +289,10 @@ def pretrain_cf_item_embeddings(dataset, dim, epochs, max_len=50, batch_size=128
     for epoch in _epochs(monitor, range(saved["epoch"] + 1 if saved else 0, epochs), "tokenizer: ID model"):
         if best is not None and held_out is not None and epoch - best["epoch"] > patience:
             break  # resumed after the stopping epoch
-        order = torch.randperm(len(data))
-        total = 0.0
-        for start in range(0, len(data), batch_size):
-            batch = data[order[start : start + batch_size]]
+        total, batches = 0.0, _length_batches(lengths, batch_size, shuffle=True)
+        for rows in batches:
+            width = int(lengths[rows].max())
+            batch = data[rows, :width]
             inputs, targets = batch[:, :-1], batch[:, 1:]
             logits = model(inputs)
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=0)
@@ -286,7 +300,7 @@ def pretrain_cf_item_embeddings(dataset, dim, epochs, max_len=50, batch_size=128
             loss.backward()
             optimizer.step()
             total += float(loss.detach())
-        train_ce = total / max(1, -(-len(data) // batch_size))
+        train_ce = total / max(1, len(batches))
         scalars = {"ce": train_ce}
         if held_out is not None:
             scalars["held_out_ce"] = _held_out_cross_entropy(model, held_out, 4 * batch_size)
