@@ -183,6 +183,9 @@ def main():
     agree = order[:, 0] == root
 
     corp_share, corp_items = corp_buried_share(model, item_seq, item_seq_len, args.corp_beam)
+    tic = time.perf_counter()
+    model.beam_search(item_seq, item_seq_len)  # full-sort scores at the trained beam_size, CORP as configured
+    full_sort_per_1k = (time.perf_counter() - tic) / item_seq.size(0) * 1000
     result = {
         "label": args.label,
         "dataset": args.dataset,
@@ -209,6 +212,7 @@ def main():
         "corp_buried_for_every_user": corp_share,
         "corp_items_reached_for_every_user": corp_items,
         "corp_mode": model.corp,
+        "full_sort_seconds_per_1k_users": round(full_sort_per_1k, 2),
         "users": int(B),
         "seconds": round(time.time() - started, 1),
     }

@@ -13,6 +13,12 @@ log-probabilities into a [B, n_items] score matrix. PARS (GRPO with four rewards
 training items) are the post-training stage of `REG4RecTrainer`; their rewards live here (`pars_rewards`,
 `msra_rewards`), the GRPO loss in the trainer.
 
+Ours, not the paper's (issue 15; docs/reg4rec.md): CRSS trains on the order the beam itself picks on the
+teacher-forced prefix (`crss_mode: decoding`, `decoding_order`), history slots encode recency
+(`position_encoding: recency`), CORP is a soft per-user penalty on tokens of categories foreign to the history
+(`corp: user`, `corp_user_penalty`), rollout log-probs are normalised over every remaining codebook as the beam
+scores them (`pars_policy_support: remaining`) at `pars_temperature`. The earlier choices stay one setting away.
+
 Vocabulary: PAD=0, BOS=1, EOS=2, SEP=3, then token j of codebook r = 4 + r*D + j (the token carries its codebook).
 """
 
