@@ -64,7 +64,7 @@ def build(tiny_data, **overrides):
 def settings(**overrides):
     values = dict(num_codebooks=3, codebook_size=8, max_codebooks=8, latent_dim=4, hidden_dim=16, input_dim=8, epochs=15,
                   learning_rate=3e-3, batch_size=64, beta=0.25, lambda_vq=1.0, lambda_orth=0.1, lambda_bal=0.01,
-                  feature_source="features", cf_epochs=0, cf_dim=8, n_pseudo_cat=4, category_field=None, seed=0)
+                  feature_source="features", cf_epochs=0, cf_dim=8, cf_patience=0, cf_layers=1, cf_learning_rate=1e-3, n_pseudo_cat=4, category_field=None, seed=0)
     values.update(overrides)
     s = mpq.TokenizerSettings(**values)
     s.validate()
@@ -241,6 +241,7 @@ def test_crss_emits_the_most_confident_codebook_first(tiny_data):
     target = model.item_vocab_tokens(target_items)
     model.next_token_logits = fixed_logits(model, [target[0, 2], target[0, 0], target[0, 1]])
     memory, padding = model.encode(batch["item_id_list"][:4], batch["item_length"][:4])
+    model.crss_mode = "confidence"  # the paper's literal rule (the default, decoding: tests/test_reg4rec_fixes.py)
     assert model.crss_order(memory, padding, target)[0].tolist() == [2, 0, 1]
     model.crss_mode = "fixed"
     assert model.crss_order(memory, padding, target)[0].tolist() == [0, 1, 2]

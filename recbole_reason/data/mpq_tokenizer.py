@@ -2,9 +2,11 @@
 
 Paper: REG4Rec (arXiv 2508.15308), section "MoE-based Parallel Quantization" (MPQ); spec ../shared/specs/reg4rec.md §2.
 Pipeline (`build_item_tokens`):
-  1. item input vectors v_i (`item_input_vectors`): multi-hot item features (ml-100k title words / year / genres,
-     Amazon attributes), reduced by truncated SVD, and/or item embeddings of a short SASRec-style model trained on
-     the training split only (`pretrain_cf_item_embeddings`);
+  1. item input vectors v_i (`item_input_vectors`): by default (`item_feature_source: cf`) the item embeddings of a
+     SASRec-style model trained on the training split only, to early stopping on held-out last training items
+     (`pretrain_cf_item_embeddings`): collaborative codes. `features`: multi-hot item features (ml-100k title words /
+     year / genres, Amazon attributes) reduced by truncated SVD (on Amazon most items share their attribute set
+     with another item, so most codes would collide and be handed out near-arbitrarily); `features+cf` both;
   2. `MPQ`: M expert encoders with their own codebooks, a router mixing the quantised vectors, one shared decoder;
      loss = reconstruction + VQ/commitment + orthogonality + balance (`MPQ.losses`), k-means init, dead-code re-seeding;
   3. `resolve_collisions`: every token tuple maps to exactly one item (nearest unused tuple, no ordered collision token);
@@ -36,7 +38,7 @@ import torch.nn.functional as F
 from recbole_reason.compat import load_checkpoint
 from recbole_reason.data.item_features import item_attributes, item_categories, missing_item_features
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: early-stopped ID model (mpq_cf_patience, mpq_cf_layers), coherence in the stats
 FEATURE_SOURCES = ("auto", "features", "cf", "features+cf")
 
 
@@ -59,8 +61,11 @@ class TokenizerSettings:
     lambda_orth: float
     lambda_bal: float
     feature_source: str
-    cf_epochs: int
+    cf_epochs: int  # most epochs of the pretrained ID model
     cf_dim: int
+    cf_patience: int  # early stopping of the ID model on held-out last training items (0 = run cf_epochs)
+    cf_layers: int
+    cf_learning_rate: float
     n_pseudo_cat: int
     category_field: object
     seed: int
@@ -85,9 +90,12 @@ class TokenizerSettings:
             lambda_vq=float(get("mpq_lambda_vq", 1.0)),
             lambda_orth=float(get("mpq_lambda_orth", 0.1)),
             lambda_bal=float(get("mpq_lambda_bal", 0.01)),
-            feature_source=str(get("item_feature_source", "auto")),
-            cf_epochs=int(get("mpq_cf_epochs", 5)),
+            feature_source=str(get("item_feature_source", "cf")),
+            cf_epochs=int(get("mpq_cf_epochs", 100)),
             cf_dim=int(get("mpq_cf_dim", 64)),
+            cf_patience=int(get("mpq_cf_patience", 3)),
+            cf_layers=int(get("mpq_cf_layers", 2)),
+            cf_learning_rate=float(get("mpq_cf_learning_rate", 2e-3)),
             n_pseudo_cat=int(get("n_pseudo_cat", 100)),
             category_field=config["category_field"],
             seed=int(get("seed", 2020)),
@@ -111,16 +119,18 @@ class TokenizerSettings:
             raise ValueError(f"item_feature_source must be one of {FEATURE_SOURCES}, got '{self.feature_source}'.")
         for key, value in (("mpq_latent_dim", self.latent_dim), ("mpq_hidden_dim", self.hidden_dim),
                            ("mpq_input_dim", self.input_dim), ("mpq_batch_size", self.batch_size),
-                           ("mpq_cf_dim", self.cf_dim), ("n_pseudo_cat", self.n_pseudo_cat)):
+                           ("mpq_cf_dim", self.cf_dim), ("n_pseudo_cat", self.n_pseudo_cat),
+                           ("mpq_cf_layers", self.cf_layers)):
             if value < 1:
                 raise ValueError(f"{key} must be >= 1, got {value}.")
-        for key, value in (("mpq_epochs", self.epochs), ("mpq_cf_epochs", self.cf_epochs),
+        for key, value in (("mpq_epochs", self.epochs), ("mpq_cf_epochs", self.cf_epochs), ("mpq_cf_patience", self.cf_patience),
                            ("mpq_beta", self.beta), ("mpq_lambda_vq", self.lambda_vq),
                            ("mpq_lambda_orth", self.lambda_orth), ("mpq_lambda_bal", self.lambda_bal)):
             if value < 0:
                 raise ValueError(f"{key} must be >= 0, got {value}.")
-        if self.learning_rate <= 0:
-            raise ValueError(f"mpq_learning_rate must be > 0, got {self.learning_rate}.")
+        for key, value in (("mpq_learning_rate", self.learning_rate), ("mpq_cf_learning_rate", self.cf_learning_rate)):
+            if value <= 0:
+                raise ValueError(f"{key} must be > 0, got {value}.")
 
     def key(self):
         return {k: v for k, v in self.__dict__.items() if k != "max_codebooks"}
@@ -190,46 +200,99 @@ def feature_item_vectors(dataset, input_dim):
 
 
 class _CFSequenceModel(nn.Module):
-    """A one-layer causal transformer over item ids (SASRec-style), only to learn item embeddings."""
+    """A causal transformer over item ids (SASRec-style), only to learn item embeddings (tied output layer)."""
 
-    def __init__(self, n_items, dim, max_len):
+    def __init__(self, n_items, dim, max_len, layers=2, dropout=0.1):
         super().__init__()
         self.item_embedding = nn.Embedding(n_items, dim, padding_idx=0)
         self.position_embedding = nn.Embedding(max_len, dim)
-        layer = nn.TransformerEncoderLayer(dim, 2, dim * 2, dropout=0.1, batch_first=True, norm_first=True)
-        self.encoder = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        layer = nn.TransformerEncoderLayer(dim, 2, dim * 2, dropout=dropout, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.output_norm = nn.LayerNorm(dim)
+        for module in self.modules():  # SASRec's init: N(0, 0.02) (PyTorch's N(0, 1) embeddings give CE ~ 20 at start)
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
 
-    def forward(self, items):
+    def hidden(self, items):
         length = items.size(1)
         h = self.item_embedding(items) + self.position_embedding(torch.arange(length, device=items.device))
         causal = torch.triu(torch.ones(length, length, dtype=torch.bool, device=items.device), 1)
-        h = self.encoder(h, mask=causal, src_key_padding_mask=items == 0)
-        return h @ self.item_embedding.weight.t()
+        return self.output_norm(self.encoder(h, mask=causal, src_key_padding_mask=items == 0))
+
+    def forward(self, items):
+        return self.hidden(items) @ self.item_embedding.weight.t()
+
+
+def _padded(sequences, width):
+    data = torch.zeros(len(sequences), width, dtype=torch.long)
+    for row, items in enumerate(sequences):
+        data[row, : len(items)] = torch.tensor(items)
+    return data
+
+
+def _length_batches(lengths, batch_size, shuffle):
+    """Row batches of similar length (sorted, ties broken at random) in random batch order: short sequences are
+    then not padded to the longest one (Amazon's mean length is ~9 of 50)."""
+    noise = torch.rand(len(lengths)) if shuffle else torch.zeros(len(lengths))
+    order = torch.from_numpy(np.lexsort((noise.numpy(), lengths.numpy())))
+    batches = list(order.split(batch_size))
+    permutation = torch.randperm(len(batches)) if shuffle else range(len(batches))
+    return [batches[i] for i in permutation]
+
+
+@torch.no_grad()
+def _held_out_cross_entropy(model, held_out, batch_size):
+    """Mean next-item cross-entropy of each held-out last training item given the items before it."""
+    model.eval()
+    total, count = 0.0, 0
+    lengths = (held_out > 0).sum(1)
+    for rows in _length_batches(lengths, batch_size, shuffle=False):
+        batch, last = held_out[rows], lengths[rows] - 1  # last: position of the held-out item
+        h = model.hidden(batch[:, : int(last.max())])[torch.arange(len(rows)), last - 1]
+        logits = h @ model.item_embedding.weight.t()
+        total += float(F.cross_entropy(logits, batch[torch.arange(len(rows)), last], reduction="sum"))
+        count += len(rows)
+    model.train()
+    return total / max(count, 1)
 
 
 def pretrain_cf_item_embeddings(dataset, dim, epochs, max_len=50, batch_size=128, logger=None, progress=None,
-                                monitor=None):
-    """Item embeddings of a short next-item model fitted on the training split only (valid/test would leak).
+                                monitor=None, patience=0, layers=1, dropout=0.1, learning_rate=1e-3):
+    """Item embeddings of a next-item model (SASRec-style) fitted on the training split only (valid/test would leak).
+
+    patience > 0: each user's last training item (users with >= 3) is held out; the model trains on the rest and
+    stops when the held-out cross-entropy has not improved for `patience` epochs; the embeddings of its best epoch
+    are returned (early stopping, as RecBole trains SASRec). patience 0: `epochs` epochs on everything.
     `progress` (a `TokenizerProgress`): resume from its saved epoch, and save after every epoch."""
-    chunks = []
-    for _, items in training_sequences(dataset):
+    sequences = training_sequences(dataset)
+    max_len = max(2, min(max_len, max(len(items) for _, items in sequences) - 1))  # no padding beyond the longest
+    chunks, held_out = [], []
+    for _, items in sequences:
+        if patience > 0 and len(items) >= 3:
+            held_out.append(items[-(max_len + 1):])
+            items = items[:-1]
         for start in range(0, max(len(items) - 1, 1), max_len):
             chunk = items[start : start + max_len + 1]
             if len(chunk) >= 2:
                 chunks.append(chunk)
     if not chunks:
         raise ValueError("No training sequence of length >= 2: cannot pretrain item embeddings for the tokenizer.")
-    data = torch.zeros(len(chunks), max_len + 1, dtype=torch.long)
-    for row, chunk in enumerate(chunks):
-        data[row, : len(chunk)] = torch.tensor(chunk)
-    model = _CFSequenceModel(dataset.item_num, dim, max_len)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    data = _padded(chunks, max_len + 1)
+    lengths = (data > 0).sum(1)
+    held_out = _padded(held_out, max_len + 1) if held_out else None
+    model = _CFSequenceModel(dataset.item_num, dim, max_len, layers, dropout)
+    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
     saved = progress.resume("cf", model, optimizer) if progress else None
+    best = saved.get("best") if saved else None  # {"ce", "epoch", "embedding"} of the best epoch so far
     for epoch in _epochs(monitor, range(saved["epoch"] + 1 if saved else 0, epochs), "tokenizer: ID model"):
-        order = torch.randperm(len(data))
-        total = 0.0
-        for start in range(0, len(data), batch_size):
-            batch = data[order[start : start + batch_size]]
+        if best is not None and held_out is not None and epoch - best["epoch"] > patience:
+            break  # resumed after the stopping epoch
+        total, batches = 0.0, _length_batches(lengths, batch_size, shuffle=True)
+        for rows in batches:
+            width = int(lengths[rows].max())
+            batch = data[rows, :width]
             inputs, targets = batch[:, :-1], batch[:, 1:]
             logits = model(inputs)
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=0)
@@ -237,13 +300,25 @@ def pretrain_cf_item_embeddings(dataset, dim, epochs, max_len=50, batch_size=128
             loss.backward()
             optimizer.step()
             total += float(loss.detach())
+        train_ce = total / max(1, len(batches))
+        scalars = {"ce": train_ce}
+        if held_out is not None:
+            scalars["held_out_ce"] = _held_out_cross_entropy(model, held_out, 4 * batch_size)
+            if best is None or scalars["held_out_ce"] < best["ce"]:
+                best = {"ce": scalars["held_out_ce"], "epoch": epoch,
+                        "embedding": model.item_embedding.weight.detach().clone()}
         if logger:
-            logger.info(f"[MPQ tokenizer] pretrained ID model epoch {epoch}: CE {total / max(1, len(data) // batch_size):.4f}")
+            logger.info(f"[MPQ tokenizer] pretrained ID model epoch {epoch}: "
+                        + ", ".join(f"{name} {value:.4f}" for name, value in scalars.items()))
         if monitor:
-            monitor.scalars("tokenizer/cf_pretrain", epoch, {"ce": total / max(1, len(data) // batch_size)})
+            monitor.scalars("tokenizer/cf_pretrain", epoch, scalars)
         if progress:
-            progress.save("cf", epoch, model, optimizer)
-    vectors = model.item_embedding.weight.detach().clone()
+            progress.save("cf", epoch, model, optimizer, best=best)
+        if held_out is not None and epoch - best["epoch"] >= patience:
+            if logger:
+                logger.info(f"[MPQ tokenizer] ID model stopped early: best held-out CE {best['ce']:.4f} at epoch {best['epoch']}")
+            break
+    vectors = (best["embedding"] if best is not None else model.item_embedding.weight.detach()).clone()
     vectors[0] = 0.0
     return vectors
 
@@ -292,7 +367,8 @@ def item_input_vectors(dataset, settings, logger=None, progress=None, monitor=No
     if use_cf:
         parts.append(
             pretrain_cf_item_embeddings(dataset, settings.cf_dim, settings.cf_epochs, logger=logger, progress=progress,
-                                        monitor=monitor)
+                                        monitor=monitor, patience=settings.cf_patience, layers=settings.cf_layers,
+                                        learning_rate=settings.cf_learning_rate)
         )
     vectors = []
     for part in parts:
@@ -552,6 +628,27 @@ def code_usage(item2tokens, codebook_size):
     return usage, perplexity
 
 
+@torch.no_grad()
+def code_coherence(item2tokens, vectors, k=10, chunk=2048):
+    """Share of an item's k nearest neighbours (cosine of `vectors`, items 1..n) that share >= 1 token with it
+    (the same code in the same codebook), averaged over items. Semantic codes score high; arbitrary ones score
+    about M / D (the chance that one of M codes matches)."""
+    items = F.normalize(vectors[1:].float(), dim=1)
+    codes = item2tokens[1:]
+    k = min(k, items.size(0) - 1)
+    if k < 1:
+        return 0.0
+    shared = 0.0
+    for start in range(0, items.size(0), chunk):
+        similarity = items[start : start + chunk] @ items.t()
+        rows = torch.arange(similarity.size(0))
+        similarity[rows, rows + start] = float("-inf")  # not its own neighbour
+        neighbours = similarity.topk(k, dim=1).indices  # [c, k]
+        same = (codes[neighbours] == codes[start : start + chunk].unsqueeze(1)).any(-1)  # [c, k]
+        shared += float(same.float().sum())
+    return shared / (items.size(0) * k)
+
+
 def atomic_save(obj, path):
     """torch.save through a temporary file and a rename: an interrupted write never leaves a truncated `path`."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
@@ -716,6 +813,8 @@ def build_item_tokens(config, dataset, logger=None, settings=None, monitor=None)
         "reconstruction_loss_end": history[-1],
         "category_source": category_source,
         "input_dim": int(vectors.size(1)),
+        "feature_source": settings.feature_source,
+        "code_coherence": code_coherence(item2tokens, vectors),  # neighbours by the tokenizer's own input vectors
     }
     atomic_save(
         {
@@ -727,6 +826,7 @@ def build_item_tokens(config, dataset, logger=None, settings=None, monitor=None)
             "token_cat": token_cat,
             "stats": stats,
             "mpq_state_dict": mpq.state_dict(),  # frozen MPQ checkpoint
+            "item_vectors": vectors,  # the tokenizer's input (tokenizer report: collaborative neighbours)
         },
         path,
     )

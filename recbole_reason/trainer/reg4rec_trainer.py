@@ -6,9 +6,12 @@ Stage 1, supervised: RecBole's `fit` with `REG4Rec.calculate_loss` (CRSS teacher
 Stage 2, PARS (`pars_epochs` > 0): per batch, G CRSS paths per context are sampled from pi_old under the validity
          constraint; rewards = the four PARS rewards, scored by MSRA against the target and the next
          `msra_window - 1` *training* items with decay `msra_gamma`; group-normalised advantages, clipped ratio,
-         k3-KL to the frozen supervised model (`reference_model`), plus an SFT anchor. pi_old is a frozen snapshot
-         refreshed every epoch (`pars_old_policy_refresh: epoch`, so the clipped ratio is active) or the current
-         policy (`batch`). The best model (valid NDCG@10, both stages) is saved in the one checkpoint RecBole's
+         k3-KL to the frozen supervised model (`reference_model`), plus an SFT anchor. pi_old is the current policy
+         (`pars_old_policy_refresh: batch`, on-policy: one gradient step per rollout batch), a frozen snapshot
+         refreshed every k batches (an integer k) or every epoch (`epoch`). Every log-prob of the ratio and the KL
+         is computed by the same function (`path_log_probs`, at `pars_temperature`) with dropout off
+         (`pars_policy_dropout: False`), so the ratio is exactly 1 at identical weights: only a real update moves
+         it (with dropout in the policy pass, dropout noise alone gave the ratio a std of ~0.13). The best model (valid NDCG@10, both stages) is saved in the one checkpoint RecBole's
          `evaluate` and HyperTuning load. `pars_clip_grad_norm` clips PARS's gradients (null: clip_grad_norm).
 Resume: stage 0 reads its on-disk cache; pi_old is re-snapshotted at every PARS epoch start, so the resume state
 needs nothing beyond `PostTrainingTrainer`'s (reference model included).
@@ -48,9 +51,14 @@ class REG4RecTrainer(PostTrainingTrainer):
             raise ValueError("pars_clip must be > 0 (0 would freeze the policy ratio), got 0.")
         self.kl_beta = non_negative("pars_kl_beta", 0.02)
         self.sft_weight = non_negative("pars_sft_weight", 0.1)
-        self.refresh = str(config["pars_old_policy_refresh"] or "epoch")
-        if self.refresh not in ("epoch", "batch"):
-            raise ValueError(f"pars_old_policy_refresh must be 'epoch' or 'batch', got '{self.refresh}'.")
+        refresh = config["pars_old_policy_refresh"] if config["pars_old_policy_refresh"] is not None else "batch"
+        if isinstance(refresh, bool) or not (refresh in ("epoch", "batch") or (isinstance(refresh, int) and refresh >= 1)):
+            raise ValueError(
+                f"pars_old_policy_refresh must be 'batch', 'epoch' or a number of batches >= 1, got {refresh!r}."
+            )
+        self.refresh = refresh
+        self.policy_dropout = bool(config["pars_policy_dropout"]) if config["pars_policy_dropout"] is not None else False
+        self._pars_steps = 0
         self.context_ratio = float(config["pars_context_ratio"] if config["pars_context_ratio"] is not None else 1.0)
         if not 0.0 < self.context_ratio <= 1.0:
             raise ValueError(f"pars_context_ratio must be in (0, 1], got {self.context_ratio}.")
@@ -97,11 +105,15 @@ class REG4RecTrainer(PostTrainingTrainer):
         # pi_old needs nothing from the resume state: it is snapshotted from the policy at every epoch start.
         self.start_post_training(train_data)
 
+    def snapshot_old_policy(self):
+        self.old_model = copy.deepcopy(self.model).eval()
+        for parameter in self.old_model.parameters():
+            parameter.requires_grad_(False)
+
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
-        if self.stage == self.post_stage and self.refresh == "epoch":
-            self.old_model = copy.deepcopy(self.model).eval()
-            for parameter in self.old_model.parameters():
-                parameter.requires_grad_(False)
+        if self.stage == self.post_stage and self.refresh != "batch":
+            self.snapshot_old_policy()
+            self._pars_steps = 0
         return super()._train_epoch(train_data, epoch_idx, loss_func=loss_func, show_progress=show_progress)
 
     def msra_targets(self, interaction):
@@ -121,14 +133,19 @@ class REG4RecTrainer(PostTrainingTrainer):
             # sub-sampled RL contexts (spec §7): training batches are shuffled, so the first rows are a random subset
             interaction = interaction[: max(1, int(round(self.context_ratio * len(interaction))))]
         item_seq, item_seq_len = interaction[model.ITEM_SEQ], interaction[model.ITEM_SEQ_LEN]
-        G = model.group_size
-        behaviour = self.old_model if self.refresh == "epoch" and self.old_model is not None else model
+        G, temperature = model.group_size, model.sample_temperature
+        if isinstance(self.refresh, int) and self._pars_steps and self._pars_steps % self.refresh == 0:
+            self.snapshot_old_policy()
+        self._pars_steps += 1
+        on_policy = self.refresh == "batch" or self.old_model is None
+        behaviour = model if on_policy else self.old_model
         was_training = model.training
         behaviour.eval()
         with torch.no_grad():
             memory, padding = behaviour.encode(item_seq, item_seq_len)
-            paths, masks, old_logp = behaviour.sample_paths(memory, padding, G)
-        model.train(was_training)
+            paths, masks, sampled_logp = behaviour.sample_paths(memory, padding, G)
+            # pi_old by the very function that scores the policy below (not the cached sampling pass): exact ratios
+            old_logp = None if on_policy else behaviour.path_log_probs(memory, padding, paths, masks, temperature)
 
         items = self.msra_targets(interaction).repeat_interleave(G, 0)  # [B*G, K]
         rewards, terms = msra_rewards(
@@ -136,11 +153,15 @@ class REG4RecTrainer(PostTrainingTrainer):
         )
         advantages = group_normalized_advantages(rewards.view(-1, G)).view(-1, 1)
 
+        model.train(self.policy_dropout)  # the policy pass of the ratio: no dropout noise unless asked for
         memory, padding = model.encode(item_seq, item_seq_len)
-        logp = model.path_log_probs(memory, padding, paths, masks)  # the G paths of a context share its memory
+        logp = model.path_log_probs(memory, padding, paths, masks, temperature)  # a context's G paths share its memory
+        model.train(was_training)
+        if old_logp is None:  # on-policy: pi_old is this policy
+            old_logp = sampled_logp if self.policy_dropout else logp.detach()  # (without dropout: the same values)
         with torch.no_grad():
             ref_memory, ref_padding = self.reference_model.encode(item_seq, item_seq_len)
-            ref_logp = self.reference_model.path_log_probs(ref_memory, ref_padding, paths, masks)
+            ref_logp = self.reference_model.path_log_probs(ref_memory, ref_padding, paths, masks, temperature)
         policy_loss = clipped_policy_loss(logp, old_logp, advantages, self.clip_eps).mean()
         kl = kl_to_reference(logp, ref_logp).mean()
         loss = policy_loss + self.kl_beta * kl
@@ -156,6 +177,7 @@ class REG4RecTrainer(PostTrainingTrainer):
             category_hit=terms["category_hit"].mean(),
             step_consistency=terms["step_consistency"].mean(),
             kl=kl.detach(),
+            ratio_std=torch.exp(logp.detach() - old_logp).std(),
             zero_variance_groups=(grouped.std(1) == 0).float().mean(),
         )
         return loss

@@ -13,6 +13,12 @@ log-probabilities into a [B, n_items] score matrix. PARS (GRPO with four rewards
 training items) are the post-training stage of `REG4RecTrainer`; their rewards live here (`pars_rewards`,
 `msra_rewards`), the GRPO loss in the trainer.
 
+Ours, not the paper's (issue 15; docs/reg4rec.md): CRSS trains on the order the beam itself picks on the
+teacher-forced prefix (`crss_mode: decoding`, `decoding_order`), history slots encode recency
+(`position_encoding: recency`), CORP is a soft per-user penalty on tokens of categories foreign to the history
+(`corp: user`, `corp_user_penalty`), rollout log-probs are normalised over every remaining codebook as the beam
+scores them (`pars_policy_support: remaining`) at `pars_temperature`. The earlier choices stay one setting away.
+
 Vocabulary: PAD=0, BOS=1, EOS=2, SEP=3, then token j of codebook r = 4 + r*D + j (the token carries its codebook).
 """
 
@@ -180,7 +186,12 @@ class REG4Rec(SequentialRecommender):
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}.")
         self.encoder_token_level = bool(config["encoder_token_level"] if config["encoder_token_level"] is not None else True)
-        self.crss_mode = choice("crss_mode", "confidence", ("confidence", "random", "fixed"))
+        # decoding: the codebook the beam search would pick on the teacher-forced prefix (training = decoding order);
+        # confidence: the remaining codebook whose ground-truth token is most probable (the paper's literal rule)
+        self.crss_mode = choice("crss_mode", "decoding", ("decoding", "confidence", "random", "fixed"))
+        # recency: history slot embedding indexed by distance from the last item (the same for every length);
+        # absolute: flattened left-to-right positions (right padding puts the last item elsewhere for every length)
+        self.position_encoding = choice("position_encoding", "recency", ("recency", "absolute"))
         self.crss_aux_weight = positive("crss_aux_weight", 0.0, float, allow_zero=True)
         temperature = config["logit_temperature"]
         if temperature is not None and float(temperature) <= 0:
@@ -196,7 +207,10 @@ class REG4Rec(SequentialRecommender):
             )
         self.beam_chunk_size = positive("beam_chunk_size", 32)
         self.beam_merge = choice("beam_merge", "max", ("max", "logsumexp"))
-        self.corp = choice("corp", "rule", ("off", "rule"))
+        # user: each token whose category the user's history lacks costs corp_penalty / M nats (soft, per user);
+        # rule: paths whose own tokens disagree on a category at corp_step are pruned (the same items for every user)
+        self.corp = choice("corp", "user", ("off", "rule", "user"))
+        self.corp_penalty = positive("corp_penalty", 1.0, float, allow_zero=True)
         self.corp_threshold = float(config["corp_threshold"] if config["corp_threshold"] is not None else 0.5)
         if not 0.0 <= self.corp_threshold <= 1.0:
             raise ValueError(f"corp_threshold must be in [0, 1], got {self.corp_threshold}.")
@@ -211,7 +225,7 @@ class REG4Rec(SequentialRecommender):
         if self.group_size < 2:
             raise ValueError(f"pars_group_size must be >= 2 (GRPO normalises rewards within a group), got {self.group_size}.")
         self.sample_temperature = positive("pars_temperature", 1.0, float)
-        weights = config["pars_reward_weights"] if config["pars_reward_weights"] is not None else [1.0, 1.0, 0.5, 0.5]
+        weights = config["pars_reward_weights"] if config["pars_reward_weights"] is not None else [1.0, 1.0, 0.5, 0.0]
         if len(weights) != 4 or any(float(w) < 0 for w in weights):
             raise ValueError(
                 "pars_reward_weights must be 4 non-negative weights [step_hit, global_path, category_hit, "
@@ -219,15 +233,24 @@ class REG4Rec(SequentialRecommender):
             )
         self.reward_weights = [float(w) for w in weights]
         self.msra_window = positive("msra_window", 1)
-        self.msra_gamma = float(config["msra_gamma"] if config["msra_gamma"] is not None else 0.7)
+        self.msra_gamma = float(config["msra_gamma"] if config["msra_gamma"] is not None else 0.3)
         if not 0.0 < self.msra_gamma <= 1.0:
             raise ValueError(f"msra_gamma must be in (0, 1], got {self.msra_gamma}.")
+        # remaining: a rollout token's log-prob is normalised over every remaining codebook, as the beam scores it
+        # (RL then also trains the codebook choice); codebook: renormalised within the chosen codebook
+        self.policy_support = choice("pars_policy_support", "remaining", ("remaining", "codebook"))
 
         # -- layers ----------------------------------------------------------------------------------------
         enc_len = self.max_seq_length * (self.M + 1) if self.encoder_token_level else self.max_seq_length
         self.token_embedding = nn.Embedding(self.vocab_size, self.d_model, padding_idx=PAD)
-        self.position_embedding = nn.Embedding(enc_len, self.d_model)  # flattened encoder positions
-        self.slot_embedding = nn.Embedding(self.max_seq_length, self.d_model)  # which history item a token belongs to
+        if self.position_encoding == "absolute":
+            self.position_embedding = nn.Embedding(enc_len, self.d_model)  # flattened encoder positions
+        elif self.encoder_token_level:
+            self.position_embedding = nn.Embedding(self.M + 1, self.d_model)  # <SEP>, t_1..t_M within an item
+        else:
+            self.position_embedding = None
+        # which history item a token belongs to: its slot (absolute) or its distance from the last item (recency)
+        self.slot_embedding = nn.Embedding(self.max_seq_length, self.d_model)
         self.step_embedding = nn.Embedding(self.M + 1, self.d_model)  # decoder step index
         self.item_fusion = None if self.encoder_token_level else nn.Linear(self.M * self.d_model, self.d_model)
         self.input_norm = nn.LayerNorm(self.d_model)
@@ -326,17 +349,24 @@ class REG4Rec(SequentialRecommender):
         """History -> memory [B, T, d] and its padding mask. Token level: `<SEP> t_1..t_M` per item."""
         tokens = self.item_vocab_tokens(item_seq)  # [B, L, M]
         B, L, _ = tokens.shape
-        slots = self.slot_embedding(torch.arange(L, device=item_seq.device))
+        steps = torch.arange(L, device=item_seq.device)
+        if self.position_encoding == "recency":  # right-padded: item l is item_seq_len - 1 - l steps before the last
+            slots = self.slot_embedding((item_seq_len.view(B, 1) - 1 - steps).clamp(min=0))  # [B, L, d]
+        else:
+            slots = self.slot_embedding(steps).expand(B, L, -1)
         if self.encoder_token_level:
             sep = torch.where(item_seq > 0, torch.full_like(item_seq, SEP), torch.full_like(item_seq, PAD))
             seq = torch.cat([sep.unsqueeze(-1), tokens], dim=-1)  # [B, L, M+1]
-            h = self.token_embedding(seq) + slots[None, :, None, :]
+            h = self.token_embedding(seq) + slots.unsqueeze(2)
+            if self.position_encoding == "recency":
+                h = h + self.position_embedding.weight  # position within the item: <SEP>, t_1..t_M
             h = h.reshape(B, L * (self.M + 1), -1)
             padding = seq.reshape(B, -1) == PAD
         else:
             h = self.item_fusion(self.token_embedding(tokens).reshape(B, L, -1)) + slots
             padding = item_seq == 0
-        h = h + self.position_embedding(torch.arange(h.size(1), device=h.device))
+        if self.position_encoding == "absolute":
+            h = h + self.position_embedding(torch.arange(h.size(1), device=h.device))
         h = self.input_dropout(self.input_norm(h))
         return self.encoder(h, src_key_padding_mask=padding), padding
 
@@ -424,10 +454,14 @@ class REG4Rec(SequentialRecommender):
 
     # -- CRSS: training order ------------------------------------------------------------------------------
     @torch.no_grad()
-    def crss_order(self, memory, memory_padding, target):
-        """[B, M] codebook order per sample. confidence: at each step the ground-truth token of a remaining codebook
-        the model is most confident in (no gradient through the choice); random: a random permutation; fixed: 0..M-1."""
+    def crss_order(self, memory, memory_padding, target, item_seq=None, item_seq_len=None):
+        """[B, M] codebook order per sample (no gradient through the choice). decoding: at each step the codebook
+        the beam search picks on the teacher-forced prefix (`decoding_order`); confidence: the remaining codebook
+        whose ground-truth token the model is most confident in; random: a random permutation; fixed: 0..M-1."""
         B = target.size(0)
+        if self.crss_mode == "decoding":
+            encoded = None if self.training and self.dropout > 0 else (memory, memory_padding)
+            return self.decoding_order(item_seq, item_seq_len, target, encoded)
         if self.crss_mode == "fixed":
             return torch.arange(self.M, device=target.device).expand(B, -1)
         if self.crss_mode == "random":
@@ -445,12 +479,39 @@ class REG4Rec(SequentialRecommender):
             prefix = torch.cat([prefix, target.gather(1, r.unsqueeze(1))], dim=1)
         return torch.stack(order, dim=1)
 
+    @torch.no_grad()
+    def decoding_order(self, item_seq, item_seq_len, target, encoded=None):
+        """[B, M] the order in which the beam search would emit the target's tokens: at each step
+        `_crss_choice` (the rule `_beam_search_chunk` applies, on the same cached decoder, in eval mode, under the
+        same validity constraint) on the prefix of the target's tokens chosen so far. Training on this order makes
+        training and decoding agree by construction. `encoded`: the eval-mode (memory, padding), if at hand."""
+        was_training = self.training
+        self.eval()  # the beam decodes without dropout: so must the choice
+        try:
+            memory, padding = encoded if encoded is not None else self.encode(item_seq, item_seq_len)
+            B, device = target.size(0), target.device
+            cache, tables = DecodingCache(self, memory, padding), self.decoding_tables()
+            used = torch.zeros(B, self.M, dtype=torch.bool, device=device)
+            prefix = torch.full((B, 1), BOS, dtype=torch.long, device=device)
+            candidates, order = None, []
+            for _ in range(self.M):
+                logits = self.beam_logits(prefix.unsqueeze(1), cache, padding).reshape(B, -1)
+                _, codebook = self._crss_choice(logits, used, self._valid_tokens(candidates, B, tables))
+                token = target.gather(1, codebook.unsqueeze(1)).squeeze(1)
+                order.append(codebook)
+                used[torch.arange(B, device=device), codebook] = True
+                prefix = torch.cat([prefix, token.unsqueeze(1)], dim=1)
+                candidates = self._extend_candidates(candidates, token, tables)
+        finally:
+            self.train(was_training)
+        return torch.stack(order, dim=1)
+
     def calculate_loss(self, interaction):
         self._check_tokens()
         item_seq, item_seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
         memory, padding = self.encode(item_seq, item_seq_len)
         target = self.item_vocab_tokens(interaction[self.POS_ITEM_ID])  # [B, M], column r = codebook r
-        order = self.crss_order(memory, padding, target)
+        order = self.crss_order(memory, padding, target, item_seq, item_seq_len)
         path = target.gather(1, order)
         decoder_input = torch.cat([torch.full_like(path[:, :1], BOS), path[:, :-1]], dim=1)
         logits = self.next_token_logits(decoder_input, memory, padding)  # [B, M, V]
@@ -536,6 +597,7 @@ class REG4Rec(SequentialRecommender):
         pruned = torch.zeros(B, 1, dtype=torch.bool, device=device)
         candidates = None  # [B, w, P] still-possible items of each beam; None = every item
         out = torch.full((B, self.n_items), UNREACHED, device=device)
+        history_cats = self.history_categories(item_seq) if corp == "user" else None
         for step in range(M):
             w = tokens.size(1)
             prefixes = torch.cat([torch.full((B, w, 1), BOS, dtype=torch.long, device=device), tokens], 2)
@@ -544,11 +606,13 @@ class REG4Rec(SequentialRecommender):
             valid = self._valid_tokens(flat_candidates, B * w, tables)
             per_codebook, codebook = self._crss_choice(logits, used.reshape(B * w, M), valid)
             codebook_logp = per_codebook[torch.arange(B * w, device=device), codebook]  # [B*w, D]
+            token_ids = N_SPECIAL + codebook.reshape(B, w, 1) * D + torch.arange(D, device=device)  # [B, w, D]
+            if history_cats is not None:  # CORP (user): tokens of categories foreign to the user's history cost
+                codebook_logp = codebook_logp - self.corp_user_penalty(history_cats, token_ids).reshape(B * w, D)
             total = (score.reshape(B * w, 1) + codebook_logp).reshape(B, w * D)
             if step == M - 1:
                 self._scatter_final(out, flat_candidates, codebook, codebook_logp, score.reshape(-1), pruned.reshape(-1), B, w)
                 break
-            token_ids = N_SPECIAL + codebook.reshape(B, w, 1) * D + torch.arange(D, device=device)  # [B, w, D]
             inconsistent = torch.zeros(B, w, D, dtype=torch.bool, device=device)
             if corp == "rule" and step + 1 == self.corp_step:
                 # CORP: would the path be category-consistent after this token? inconsistent ones go to the back
@@ -568,6 +632,23 @@ class REG4Rec(SequentialRecommender):
             pruned = (inconsistent | parent_pruned).reshape(B, w * D).gather(1, top)
             score = total.gather(1, top)
         return out
+
+    def history_categories(self, item_seq):
+        """[B, n_categories + 1] bool: the categories of each user's history items (column 0, unknown, never set)."""
+        cats = self.item_cat[item_seq]
+        seen = torch.zeros(item_seq.size(0), int(self.item_cat.max()) + 1, dtype=torch.bool, device=item_seq.device)
+        seen.scatter_(1, cats, True)
+        seen[:, 0] = False
+        return seen
+
+    def corp_user_penalty(self, history_cats, token_ids):
+        """CORP as a per-user consistency signal: corp_penalty / M nats for each token [B, ...] whose (known) category
+        is not among the user's history categories. A path of M such tokens loses corp_penalty; an item is only
+        penalised for the users it is foreign to, and only softly, so no item is buried for every user."""
+        B = token_ids.size(0)
+        cats = self.token_cat[token_ids].reshape(B, -1)
+        foreign = (cats > 0) & ~history_cats.gather(1, cats)
+        return (self.corp_penalty / self.M) * foreign.reshape(token_ids.shape).float()
 
     def _scatter_final(self, out, candidates, codebook, codebook_logp, score, pruned, B, w):
         """Last token: every still-possible item completes exactly one beam; merge beams reaching the same item."""
@@ -597,9 +678,12 @@ class REG4Rec(SequentialRecommender):
     # -- PARS rollouts ---------------------------------------------------------------------------------------
     @torch.no_grad()
     def sample_paths(self, memory, padding, group_size=None, temperature=None):
-        """G CRSS paths per context under the validity constraint, decoded step by step with a `DecodingCache`.
-        Returns paths [N, M] vocab ids in generation order, the step masks [N, M, V] used for sampling (reused for
-        the old / new / reference log-probs) and the sampling-time log-probs [N, M] (N = B * G)."""
+        """G CRSS paths per context under the validity constraint, decoded step by step with a `DecodingCache`:
+        the codebook is the CRSS choice, the token is sampled inside it at `pars_temperature`.
+        Returns paths [N, M] vocab ids in generation order, the policy's support per step [N, M, V] (reused for the
+        old / new / reference log-probs: every remaining codebook's tokens with `pars_policy_support: remaining`,
+        the chosen codebook's valid tokens with `codebook`) and the sampling-time log-probs [N, M] under that
+        support at the same temperature (N = B * G)."""
         self._check_tokens()
         G = group_size or self.group_size
         temperature = temperature or self.sample_temperature
@@ -617,15 +701,17 @@ class REG4Rec(SequentialRecommender):
             codebook, step_mask = self._crss_step(logits, used, self._valid_tokens(candidates, N, tables))
             probs = torch.softmax((logits / temperature).masked_fill(~step_mask, float("-inf")), dim=-1)
             token = torch.multinomial(probs, 1).squeeze(1)
-            logps.append(self.masked_log_softmax(logits, step_mask).gather(1, token.unsqueeze(1)).squeeze(1))
-            masks.append(step_mask)
+            support = step_mask if self.policy_support == "codebook" else self.codebook_mask(used)
+            logps.append(self.masked_log_softmax(logits / temperature, support).gather(1, token.unsqueeze(1)).squeeze(1))
+            masks.append(support)
             paths = torch.cat([paths, token.unsqueeze(1)], 1)
             used[torch.arange(N, device=device), codebook] = True
             candidates = self._extend_candidates(candidates, token, tables)
         return paths, torch.stack(masks, 1), torch.stack(logps, 1)
 
-    def path_log_probs(self, memory, padding, paths, masks):
-        """log pi(tau_s | x, tau_<s) [N, M] with the stored step masks (same support as at sampling).
+    def path_log_probs(self, memory, padding, paths, masks, temperature=1.0):
+        """log pi(tau_s | x, tau_<s) [N, M] with the stored step masks (same support as at sampling), at `temperature`
+        (the rollouts' pars_temperature, so that old, new and reference log-probs are of the sampling policy).
         memory [B, T, d] of B contexts, paths [N, M] with N = B * G: G paths per context, grouped per context as
         `sample_paths` returns them. G > 1: the G paths of a context share one decoder sequence
         (`grouped_logits`), so the memory is not repeated G times."""
@@ -637,7 +723,7 @@ class REG4Rec(SequentialRecommender):
             logits = self.next_token_logits(decoder_input, memory, padding)
         else:
             logits = self.grouped_logits(decoder_input.view(B, N // B, -1), memory, padding).flatten(0, 1)
-        return self.masked_log_softmax(logits, masks).gather(2, paths.unsqueeze(-1)).squeeze(-1)
+        return self.masked_log_softmax(logits / temperature, masks).gather(2, paths.unsqueeze(-1)).squeeze(-1)
 
     def path_items(self, paths):
         """[N, M] vocab paths -> item ids (0 when the token set is no item's)."""
