@@ -347,10 +347,10 @@ def compare(models, datasets, seeds, config_file_list=None, config_dict=None, ba
     todo = []
     for dataset in datasets:
         for v in trained:
-            for seed in seeds:
-                if rerun or (v["label"], dataset, seed, setup_key(v["model"], v["config"], config_file_list,
-                                                                  config_dict)) not in done:
-                    rows = [row for row in variants if row.get("from_run_of") == v["label"]]
+            setup = setup_key(v["model"], v["config"], config_file_list, config_dict)
+            rows = [row for row in variants if row.get("from_run_of") == v["label"]]
+            for seed in seeds:  # a run is done when it and its inference-time rows are in the file
+                if rerun or any((label, dataset, seed, setup) not in done for label in [v["label"]] + [r["label"] for r in rows]):
                     todo.append(dict(label=v["label"], model=v["model"], dataset=dataset, seed=seed,
                                      config_file_list=config_file_list, config_dict=config_dict, overrides=v["config"],
                                      saved=saved, out_dir=out_dir, eval_rows=rows, meta=_meta(v)))
@@ -378,6 +378,10 @@ def _meta(v):
 def _run_all(todo, jobs, threads, out_dir):
     """Yield each run's records as it ends: in this process (jobs=1), or in `jobs` worker processes."""
     if jobs == 1 or len(todo) <= 1:
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
         for job in todo:
             yield run_one(**job)
         return
