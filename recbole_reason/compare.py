@@ -151,9 +151,11 @@ def _jsonable(value):
 
 
 def _file_digest(files):
+    """The config files' names and contents (not their folders: the same files in another checkout or on another
+    machine, e.g. the GPU plan's, are the same setup)."""
     digest = hashlib.sha1()
     for file in files or []:
-        digest.update(os.path.abspath(file).encode())
+        digest.update(os.path.basename(file).encode())
         if os.path.isfile(file):
             with open(file, "rb") as f:
                 digest.update(f.read())
@@ -237,7 +239,8 @@ def run_one(label, model, dataset, seed, config_file_list=None, config_dict=None
         if resume_from:
             trainer.resume(resume_from)
             record["resumed_from"] = resume_from
-        best_valid_score, best_valid = trainer.fit(train_data, valid_data, verbose=False, saved=saved, show_progress=False)
+        # verbose: each epoch's loss, valid score and time go to the log at the config's `state` (INFO; WARNING: none)
+        best_valid_score, best_valid = trainer.fit(train_data, valid_data, verbose=True, saved=saved, show_progress=False)
         with PerUserRecorder(trainer) as recorder:  # the test's per-user values, beside the averaged result
             test = trainer.evaluate(test_data, load_best_model=saved)
         record.update(test={k: float(v) for k, v in (test or {}).items()},
@@ -345,11 +348,11 @@ def compare(models, datasets, seeds, config_file_list=None, config_dict=None, ba
 
     done = {(r["label"], r["dataset"], r["seed"], r.get("setup")) for r in load_records(jsonl) if "error" not in r}
     todo = []
-    for dataset in datasets:
-        for v in trained:
-            setup = setup_key(v["model"], v["config"], config_file_list, config_dict)
-            rows = [row for row in variants if row.get("from_run_of") == v["label"]]
-            for seed in seeds:  # a run is done when it and its inference-time rows are in the file
+    for dataset in datasets:  # seed by seed: a plan cut short has every model of its first seeds
+        for seed in seeds:
+            for v in trained:  # a run is done when it and its inference-time rows are in the file
+                setup = setup_key(v["model"], v["config"], config_file_list, config_dict)
+                rows = [row for row in variants if row.get("from_run_of") == v["label"]]
                 if rerun or any((label, dataset, seed, setup) not in done for label in [v["label"]] + [r["label"] for r in rows]):
                     todo.append(dict(label=v["label"], model=v["model"], dataset=dataset, seed=seed,
                                      config_file_list=config_file_list, config_dict=config_dict, overrides=v["config"],
@@ -507,8 +510,11 @@ def summarize(records, baseline=None, split="test", out_dir=None):
                 for row in rows:
                     if metric in row["metrics"]:
                         row["metrics"][metric]["best"] = shown[row["label"]] == best
+        setup_of = {r["label"]: json.dumps(r.get("eval_setup"), sort_keys=True) for r in latest.values()}
+        reference = setup_of.get(baseline) or max(setups, key=list(setup_of.values()).count) if setups else None
         table = {"dataset": dataset, "metrics": metrics, "rows": rows, "split": split, "baseline": baseline,
-                 "mixed_setup": len(setups) > 1, "paired": []}
+                 "mixed_setup": len(setups) > 1, "paired": [],
+                 "odd_setup": sorted({label for label, setup in setup_of.items() if setup != reference})}
         if out_dir and split == "test":
             table["paired"] = _paired_tests(rows, latest, baseline, out_dir)
         summary.append(table)
@@ -550,8 +556,10 @@ def _notes(table):
         notes.append(f"p: one-sided paired t-test over seeds against {table['baseline']}, H1: the model is better "
                      "(greater mean; smaller for smaller-is-better metrics).")
     if table["mixed_setup"]:
+        odd = ", ".join(table.get("odd_setup") or []) or "some rows"
         notes.append("WARNING: these runs do not share one evaluation setup (eval_args / metrics / topk / valid_metric / "
-                     "MAX_ITEM_LIST_LENGTH differ): the rows are not comparable. See eval_setup in runs.jsonl.")
+                     f"MAX_ITEM_LIST_LENGTH differ; {odd} differ from the baseline or the most common setup): those rows "
+                     "are not comparable with the others. See eval_setup in runs.jsonl.")
     return notes
 
 
@@ -574,6 +582,8 @@ def _signed(value, digits=DECIMALS):
 def paired_markdown(table, metrics=PAIRED_MD_METRICS):
     """The per-user paired tests of a table as Markdown lines (the metrics of `metrics` that were tested)."""
     tests = [t for t in table.get("paired", []) if t["metric"] in metrics]
+    pairs = list(dict.fromkeys((t["model"], t["reference"], t["kind"]) for t in tests))
+    tests.sort(key=lambda t: (pairs.index((t["model"], t["reference"], t["kind"])), metrics.index(t["metric"])))
     if not tests:
         return []
     lines = ["", f"**Paired tests over users** (per-user test values averaged over the seeds both ran, paired by user; "
