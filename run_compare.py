@@ -3,11 +3,15 @@
     python run_compare.py --models SASRec,ReaRec,LARES --datasets ml-100k --seeds 2020,2021,2022 \\
         --baseline SASRec --config_files my.yaml --out_dir results/ml-100k --data_path=../shared/data
     python run_compare.py --models SASRec,ReaRec-PRL --variant "ReaRec-PRL=ReaRec rearec_mode=prl" ...
+    python run_compare.py --models SASRec,ReaRec,ReaRec-K0 --jobs 3 ...              # catalogued controls, 3 at once
     python run_compare.py --rebuild --out_dir results/ml-100k --baseline SASRec     # tables only, no runs
 
 Every model runs with the same config files and `--key=value` overrides; only the seed changes between runs
 (and a variant's own settings). Runs are appended to <out_dir>/runs.jsonl (a run already there is skipped,
-unless --rerun), and <out_dir>/comparison.{md,csv,tex} are rebuilt from all of them.
+unless --rerun; an interrupted one resumes from its last epoch), each with its per-user test values in
+<out_dir>/per_user/, and <out_dir>/comparison.{md,csv,tex} and comparison_paired.csv (per-user paired tests against
+the baseline and each model's control) are rebuilt from all of them. Labels such as ReaRec-K0, LARES-T1 and
+REG4Rec-noCORP are the named variants and controls of recbole_reason/variants.py.
 """
 
 import argparse

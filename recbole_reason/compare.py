@@ -9,14 +9,19 @@ Every (model, dataset, seed) run goes through the same path as the run script an
 same config files and config dict; only the seed and a variant's own overrides differ. RecBole seeds the split,
 the sampler and the model from `seed`, so two models run with one seed see the same split and are paired.
 
-Each run appends one JSON line to `<out_dir>/runs.jsonl`; the tables (`comparison.md`, `.csv`, `.tex`) are rebuilt
-from every line of that file, so a table can be filled in parts (one model or one dataset per call) and rebuilt
-without running anything (`build_tables`). A run already in the file with the same setup is not run again.
+Each run appends one JSON line to `<out_dir>/runs.jsonl` and stores its per-user test values beside it
+(`per_user/*.npz`, `recbole_reason.per_user`); the tables (`comparison.md`, `.csv`, `.tex`, `_paired.csv`) are
+rebuilt from every line of that file, so a table can be filled in parts (one model or one dataset per call) and
+rebuilt without running anything (`build_tables`). A run already in the file with the same setup is not run again;
+a run interrupted mid-way continues from its last epoch (its own checkpoint folder, `run_checkpoint_dir`). `jobs`
+runs several at once in worker processes. Named variants and controls: `recbole_reason.variants`.
 
 Table: mean ± sample std over seeds for every metric of the run's config (`metrics` x `topk`), the best mean of
 each column in bold (smallest for RecBole's smaller-is-better metrics), and for every model but the baseline the
 p-value of a ONE-SIDED paired t-test over the seeds both ran, H1: the model is better than the baseline
-(`alternative='greater'`, or `'less'` for smaller-is-better metrics). A model that fails is a row with its error.
+(`alternative='greater'`, or `'less'` for smaller-is-better metrics). Below it, the paired tests over users of each
+model against the baseline and against its control (Wilcoxon, paired t, bootstrap interval, relative difference).
+A model that fails is a row with its error.
 """
 
 import datetime
@@ -207,7 +212,8 @@ def interrupted_run_state(checkpoint_dir):
 
 def run_one(label, model, dataset, seed, config_file_list=None, config_dict=None, overrides=None, saved=True,
             out_dir=None, eval_rows=None, meta=None):
-    """Train and test one model once; returns the JSONL record (with `error` instead of results if it failed).
+    """Train and test one model once; returns its JSONL record (with `error` instead of results if it failed)
+    followed by the records of its inference-time rows (`eval_rows`: {'label', 'attributes', ...}).
     With `out_dir` the run checkpoints into its own folder (`run_checkpoint_dir`) and, if an earlier call was
     interrupted there, continues from its last finished epoch (`CheckpointMixin.resume`: same numbers as an
     uninterrupted run)."""

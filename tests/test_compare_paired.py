@@ -112,10 +112,16 @@ def _shared(tiny):
             "epochs": 2, "eval_step": 1}
 
 
+# REG4Rec at the size of tests/test_speed.py (its tokenizer and beam search dominate the cost otherwise)
+SMALL_REG4REC = {"epochs": 1, "pars_epochs": 0, "mpq_epochs": 2, "mpq_cf_epochs": 1, "mpq_num_codebooks": 3,
+                 "mpq_codebook_size": 12, "mpq_hidden_dim": 16, "mpq_latent_dim": 4, "mpq_input_dim": 8, "d_model": 16,
+                 "n_enc_layers": 1, "n_dec_layers": 1, "ffn_dim": 32, "beam_size": 20, "n_pseudo_cat": 4}
+
+
 def test_per_user_values_are_stored_beside_each_run_and_read_back_with_an_inference_time_control(tiny, tmp_path):
     out = tmp_path / "cmp"
     result = compare(["SASRec", "REG4Rec", "REG4Rec-noCORP"], ["tiny"], [1], config_file_list=[TINY_CONFIG],
-                     config_dict={**_shared(tiny), "epochs": 1, "pars_epochs": 0}, baseline="SASRec", out_dir=str(out))
+                     config_dict={**_shared(tiny), **SMALL_REG4REC}, baseline="SASRec", out_dir=str(out))
     for record in result["records"]:
         values = load_per_user(out / record["per_user_file"])
         assert values[USER_ID].dtype == np.int64 and len(np.unique(values[USER_ID])) == len(values[USER_ID]) > 100
@@ -170,3 +176,18 @@ def test_jobs_2_gives_the_records_of_jobs_1_and_an_interrupted_plan_resumes(tiny
         assert by_run(everything)[key]["test"] == record["test"]  # the same numbers as the uninterrupted plan
     assert compare(models, ["tiny"], seeds, config_file_list=[TINY_CONFIG], config_dict=shared,
                    out_dir=str(tmp_path / "c"), jobs=2)["records"] == []  # all done: nothing runs again
+
+
+def test_the_gpu_plan_parts_cover_every_runnable_row_once_with_the_baseline_in_each():
+    from recbole_reason.variants import CATALOG, PARTS, PLAN, plan_part
+
+    parts = {part: plan_part(part) for part in PARTS}
+    assert all(rows[0] == "SASRec" for rows in parts.values())
+    assert sorted(label for rows in parts.values() for label in rows[1:]) == sorted(set(PLAN) - {"SASRec"})
+    assert plan_part("all") == PLAN and "R2ec-constant" not in PLAN  # the pending control is not planned
+    for label in PLAN:  # every control and inference-time row is in the part of the model it belongs to
+        row = CATALOG[label]
+        for other in (row.get("control_of"), row.get("from_run_of")):
+            assert other is None or CATALOG[other]["part"] == row["part"]
+    with pytest.raises(ValueError, match="unknown plan part"):
+        plan_part("rearec,nope")
