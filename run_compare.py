@@ -77,7 +77,7 @@ def main(argv=None):
 def cli():
     """Bad input (unknown option value, missing runs file) ends with one clear line, not a traceback; a model that
     fails during a run is a row of the table instead."""
-    from recbole_reason.utils import run_cli
+    from recbole_reason.cli import run_cli
 
     run_cli(main)
 

@@ -1,4 +1,4 @@
-"""Evaluate trained models at several reasoning depths without retraining; table (Markdown, CSV) and SVG plot.
+"""Evaluate trained models at several reasoning depths without retraining; table (Markdown, CSV) and figure.
 
     python run_depth_study.py --checkpoints saved/ReaRec-Nov-23-2026_10-00-00.pth --depths 0,1,2,3,4
     python run_depth_study.py --checkpoints "saved/LARES-a.pth saved/LARES-b.pth" --labels "SPT,SPT+RPT" --depths 1,2,4,8
@@ -7,7 +7,7 @@
 Depth knobs: ReaRec reason_step, LARES test_recurrence, R2ec r2ec_max_reason_len, REG4Rec beam_size. Without
 --depths each model gets depths below, at and beyond its trained one. Further `--key=value` arguments are config
 settings: the training run's when it trains first, else applied to each checkpoint's stored config at evaluation
-(e.g. --data_path=..., --eval_batch_size=...). Writes <out_dir>/depth_study.{md,csv,jsonl,svg}.
+(e.g. --data_path=..., --eval_batch_size=...). Writes <out_dir>/depth_study.{md,csv,jsonl} and the figure depth_study.{png,pdf,svg}.
 """
 
 import argparse
@@ -50,7 +50,7 @@ def main(argv=None):
 
 def cli():
     """Bad input (a model without a depth, an invalid depth, a missing checkpoint) ends with one clear line."""
-    from recbole_reason.utils import run_cli
+    from recbole_reason.cli import run_cli
 
     run_cli(main)
 

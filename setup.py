@@ -11,7 +11,10 @@ INSTALL_REQUIRES = [
     "scipy>=1.10",        # paired t-tests in comparisons
     "tensorboard>=2.5",   # RecBole's training curves (log_tensorboard/)
     "hyperopt>=0.2.7",    # tuning; RecBole's grid search is fixed for hyperopt >= 0.2.7 in compat
+    "matplotlib>=3.7",    # paper figures (PNG/PDF/SVG) of the depth study and the comparison (recbole_reason.figures)
 ]
+# Python 3.12 / 3.13: RecBole 1.2.1 pins ray<=2.6.3, which has no wheels there, and the plugin never imports ray.
+# Install RecBole with --no-deps and its real needs instead: requirements/install_no_ray.sh (README, Install).
 
 setup(
     name="recbole-reason",
@@ -19,7 +22,7 @@ setup(
     description="ReaRec, LARES, R2ec and REG4Rec as RecBole sequential models",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10,<3.12",  # ray 2.6.3, a hard dependency of recbole 1.2.1, has no 3.12 wheels
+    python_requires=">=3.10,<3.14",  # 3.12/3.13 through requirements/install_no_ray.sh (RecBole's ray pin)
     packages=find_packages(include=["recbole_reason", "recbole_reason.*"]) + ["recbole_reason.properties"],
     package_dir={"recbole_reason.properties": "properties"},
     package_data={"recbole_reason.properties": ["*.yaml", "*/*.yaml", "*/*.hyper"]},

@@ -98,7 +98,7 @@ def main():
     sys.argv = sys.argv[:1]  # RecBole's Config reads --key=value from argv
     overrides = {"data_path": args.data_path, "state": "ERROR", "show_progress": False,
                  "eval_batch_size": args.users, "train_batch_size": args.train_batch}
-    from recbole_reason.utils import parse_setting
+    from recbole_reason.cli import parse_setting
     overrides.update(parse_setting(item) for item in args.set)
     profiled = set(filter(None, args.profile.split(",")))
     rows, base = [], {}

@@ -276,7 +276,7 @@ def main():
     SEEDS[:] = [int(s) for s in args.seeds.split(",")]
 
     overrides = {"data_path": args.data_path, "state": "WARNING", "show_progress": False}
-    from recbole_reason.utils import parse_setting
+    from recbole_reason.cli import parse_setting
     overrides.update(parse_setting(item) for item in args.set)
     config_files = args.config_files.split()
     results_dir = os.path.join(REPO, "bench", "results")

@@ -9,6 +9,7 @@ from recbole_reason import compat
 compat.apply()
 
 from recbole_reason.config import Config  # noqa: E402
+from recbole_reason.inference import load_data_and_model, recommend  # noqa: E402
 from recbole_reason.quick_start import objective_function, run_recbole_reason  # noqa: E402
 from recbole_reason.utils import create_dataset, get_model, get_trainer, plugin_model_names  # noqa: E402
 
@@ -21,4 +22,6 @@ __all__ = [
     "get_trainer",
     "create_dataset",
     "plugin_model_names",
+    "load_data_and_model",
+    "recommend",
 ]

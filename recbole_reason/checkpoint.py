@@ -33,6 +33,8 @@ WEIGHT_SETTINGS = (
     "MAX_ITEM_LIST_LENGTH",
     # backbones: SASRec-style baselines, GRU4Rec, ReaRec, LARES, R2ec
     "embedding_size", "hidden_size", "inner_size", "n_layers", "num_layers", "n_heads", "hidden_act",
+    # ReaRec's backbone; LARES's encoder
+    "rearec_backbone", "lares_encoder", "k_interests",
     # LARES
     "n_pre_layers", "n_core_layers", "adapter_type",
     # REG4Rec's generator and item tokens (plus every mpq_* tokenizer setting, below)

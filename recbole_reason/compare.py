@@ -37,8 +37,8 @@ import warnings
 
 import numpy as np
 
+from recbole_reason.cli import parse_setting
 from recbole_reason.per_user import PerUserRecorder, save_per_user
-from recbole_reason.utils import parse_setting
 
 RUNS_FILE = "runs.jsonl"
 TABLE_STEM = "comparison"
@@ -737,4 +737,10 @@ def build_tables(out_dir, baseline=None, split="test", command=None):
     if any(table["paired"] for table in summary):
         files["paired_csv"] = os.path.join(out_dir, f"{TABLE_STEM}_paired.csv")
         write_paired_csv(summary, files["paired_csv"])
+    if any(row["metrics"] for table in summary for row in table["rows"]):  # bar chart of the valid metric over seeds
+        from recbole_reason.figures import comparison_figure, save_figure
+
+        metric = next((str(r["eval_setup"]["valid_metric"]).lower() for r in records
+                       if (r.get("eval_setup") or {}).get("valid_metric")), None)
+        files.update(save_figure(comparison_figure(summary, metric), os.path.join(out_dir, TABLE_STEM)))
     return files, summary

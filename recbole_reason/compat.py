@@ -17,6 +17,9 @@ See ../shared/specs/recbole_plugin.md section 5 for the evidence behind each fix
    never imports it (it has its own quick_start); `tests/test_compat.py` proves it.
 5. hyperopt >= 0.2.7 calls `rng.integers`, which RecBole's exhaustive (grid) search does not provide
    (it passes a `RandomState`). `exhaustive_search` below is the same grid search on a numpy Generator.
+6. numpy 2 prints scalars as `np.float64(0.0689)`: RecBole's `Evaluator.evaluate` returns numpy scalars, so every
+   logged or printed result dict read `{'recall@10': np.float64(0.0689), ...}`. `Evaluator.evaluate` now returns
+   plain Python floats (the one place every trainer's metrics come from, RecBole's baselines included).
 
 Besides the five: importing RecBole's sequential models runs `torch.autograd.set_detect_anomaly(True)` (in
 `sine.py`), which roughly halves the training speed of every model in the process from the first RecBole model
@@ -93,6 +96,25 @@ def _patch_hyperopt_grid_search():
     hyper_tuning.exhaustive_search = exhaustive_search
 
 
+def plain_numbers(result):
+    """A metric dict with numpy scalars (numpy 2 reprs them as `np.float64(x)`) -> the same dict of Python numbers."""
+    return type(result)((key, value.item() if isinstance(value, np.generic) else value) for key, value in result.items())
+
+
+def _patch_evaluator_plain_numbers():
+    from recbole.evaluator import Evaluator
+
+    if getattr(Evaluator.evaluate, "_plain_numbers", False):
+        return
+    numpy_evaluate = Evaluator.evaluate
+
+    def evaluate(self, dataobject):
+        return plain_numbers(numpy_evaluate(self, dataobject))
+
+    evaluate._plain_numbers = True
+    Evaluator.evaluate = evaluate
+
+
 def _undo_anomaly_detection():
     import recbole.model.sequential_recommender  # noqa: F401  (its sine.py switches anomaly detection on)
 
@@ -106,6 +128,7 @@ def apply():
     _patch_numpy_aliases()
     _check_pandas()
     _patch_hyperopt_grid_search()
+    _patch_evaluator_plain_numbers()
     _undo_anomaly_detection()
     # RecBole 1.2.1 calls APIs that pandas 2.x / torch deprecate (chained fillna, torch.cuda.amp.GradScaler).
     # They work on the pinned versions and the user cannot act on them: keep them out of every run's output.

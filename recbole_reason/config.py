@@ -3,6 +3,8 @@
 Internal YAML, lowest priority first (config files, config_dict and the command line still override all):
 RecBole's overall/model/dataset/quick-start files; then, for every SEQUENTIAL model (baselines included),
 our `properties/overall.yaml`; then `properties/dataset/<dataset>.yaml`; then `properties/model/<Model>.yaml`.
+Building a Config checks it (`data.config_checks`): malformed YAML, wrong types and ranges, unknown keys, a gpu_id
+the machine lacks, each in one line, before any dataset is read.
 """
 
 import os
@@ -11,6 +13,7 @@ from importlib import resources
 from recbole.config import Config as RecBoleConfig
 from recbole.utils import ModelType
 
+from recbole_reason.data.config_checks import check_config, check_device, load_config_files
 from recbole_reason.distributed import init_distributed_device
 from recbole_reason.utils import get_model
 
@@ -26,6 +29,10 @@ def properties_dir():
 
 
 class Config(RecBoleConfig):
+    def _load_config_files(self, file_list):
+        settings, self.setting_files = load_config_files(file_list, self.yaml_loader)
+        return settings
+
     def _get_model_and_dataset(self, model, dataset):
         if model is None:
             model = self.external_config_dict.get("model")
@@ -45,8 +52,13 @@ class Config(RecBoleConfig):
         # One process: RecBole's own. One of a multi-process run (the launcher sets `local_rank`): RecBole's
         # hard-codes NCCL and CUDA; ours joins the group on the backend the device calls for (Gloo on the CPU).
         if "local_rank" not in self.final_config_dict:
-            return super()._init_device()
+            super()._init_device()
+            return check_device(self.final_config_dict, explicit="gpu_id" in self.external_config_dict)
         init_distributed_device(self.final_config_dict)
+
+    def _set_default_parameters(self):
+        check_config(self, properties_dir())  # before RecBole's own processing, which fails on some with a traceback
+        super()._set_default_parameters()
 
     def _load_internal_config_dict(self, model, model_class, dataset):
         super()._load_internal_config_dict(model, model_class, dataset)

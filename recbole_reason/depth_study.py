@@ -11,8 +11,9 @@ The depth knob of each model (its `reasoning_depth_key`, set through `set_reason
     REG4Rec  beam_size              reasoning paths of the beam search (>= the largest top-k)
 A checkpoint is rebuilt with the config stored in it (same dataset, split and seed) and its weights; every depth
 is evaluated by the model's RecBole trainer on the same split. Outputs in `out_dir`: `depth_study.md`, `.csv`,
-`.jsonl` and `depth_study.svg` (the chosen metric against depth, one line per checkpoint; the trained depth is
-the ringed point). Each depth's metrics also go to TensorBoard as `depth_study/<label>/<metric>`, depth as step.
+`.jsonl` and the figure `depth_study.png` / `.pdf` / `.svg` (matplotlib, `recbole_reason.figures.depth_figure`:
+the chosen metric against depth, one panel per depth knob, one line per checkpoint; the trained depth is the
+ringed point). Each depth's metrics also go to TensorBoard as `depth_study/<label>/<metric>`, depth as step.
 """
 
 import json
@@ -22,6 +23,7 @@ import os
 import torch
 
 from recbole_reason.compat import load_checkpoint
+from recbole_reason.inference import apply_evaluation_settings  # noqa: F401 (the loading rule of checkpoints)
 
 OUT_STEM = "depth_study"
 SPLITS = ("test", "valid")
@@ -72,22 +74,6 @@ def _parse_depths(depths):
     return list(dict.fromkeys(out))
 
 
-def apply_evaluation_settings(config, config_dict):
-    """Set evaluation-side settings (data_path, eval_batch_size, ...) on a checkpoint's stored config.
-
-    `data_path` means what it means to a training run, the folder that holds <dataset>/, so it is joined with the
-    dataset name as RecBole's Config does; ml-100k always reads the copy inside this machine's recbole package, as in
-    training (the stored path may be another machine's, e.g. the GPU machine's site-packages)."""
-    for key, value in (config_dict or {}).items():
-        config[key] = os.path.join(value, config["dataset"]) if key == "data_path" else value
-    if config["dataset"] == "ml-100k":
-        import recbole.config
-
-        config["data_path"] = os.path.join(os.path.dirname(os.path.realpath(recbole.config.__file__)),
-                                           "..", "dataset_example", "ml-100k")
-    return config
-
-
 def _load_for_evaluation(checkpoint_file, config_dict):
     """Config, eval loaders, model (weights loaded) and trainer of a checkpoint, on this machine's device."""
     from recbole.data import data_preparation
@@ -120,7 +106,7 @@ def _load_for_evaluation(checkpoint_file, config_dict):
 
 def depth_study(checkpoints=None, model=None, dataset=None, depths=None, config_file_list=None, config_dict=None,
                 out_dir="depth_study", split="test", metric=None, labels=None, show_progress=None):
-    """Evaluate every checkpoint at every depth; write the table, the SVG plot and the JSONL to `out_dir`.
+    """Evaluate every checkpoint at every depth; write the table, the figure (PNG, PDF, SVG) and the JSONL to `out_dir`.
 
     checkpoints: trained .pth files (several = several lines in the plot). None: train `model` on `dataset` first
     (with config_file_list / config_dict) and study that checkpoint. config_dict is applied on top of each
@@ -207,7 +193,7 @@ def _train_first(model, dataset, config_file_list, config_dict):
 # -- outputs -----------------------------------------------------------------------------------------------------
 def write_outputs(rows, out_dir, metric):
     os.makedirs(out_dir, exist_ok=True)
-    files = {ext: os.path.join(out_dir, f"{OUT_STEM}.{ext}") for ext in ("md", "csv", "jsonl", "svg")}
+    files = {ext: os.path.join(out_dir, f"{OUT_STEM}.{ext}") for ext in ("md", "csv", "jsonl")}
     metrics = list(dict.fromkeys(name for row in rows for name in row["metrics"]))
     with open(files["jsonl"], "w", encoding="utf-8") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
@@ -229,110 +215,7 @@ def write_outputs(rows, out_dir, metric):
         for row in rows:
             writer.writerow([row["label"], row["model"], row["dataset"], row["split"], row["checkpoint"],
                              row["depth_key"], row["depth"], row["trained_depth"]] + [row["metrics"][m] for m in metrics])
-    panels = {}  # one panel per depth knob, in the order the models come
-    for row in rows:
-        line = panels.setdefault(row["depth_key"], {}).setdefault(
-            row["label"], {"points": [], "marked": row["trained_depth"]})
-        line["points"].append((row["depth"], row["metrics"][metric]))
-    with open(files["svg"], "w", encoding="utf-8") as f:
-        f.write(svg_panel_plot(list(panels.items()), y_label=metric,
-                               title=f"{metric} against reasoning depth ({rows[0]['split']})"))
+    from recbole_reason.figures import depth_figure, save_figure
+
+    files.update(save_figure(depth_figure(rows, metric), os.path.join(out_dir, OUT_STEM)))  # png, pdf, svg
     return files
-
-
-# -- a small self-contained SVG line plot (no plotting library is a dependency) -----------------------------------------
-COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
-
-
-def nice_ticks(low, high, count=5):
-    """Round tick values (1, 2, 2.5 or 5 times a power of ten) covering [low, high]."""
-    if high <= low:  # a flat line: a band around the value
-        pad = abs(low) * 0.1 or 0.5
-        low, high = low - pad, low + pad
-    raw = (high - low) / max(count - 1, 1)
-    power = 10 ** math.floor(math.log10(raw))
-    step = next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw)
-    first = math.floor(low / step) * step
-    ticks = [first + i * step for i in range(int(math.ceil((high - first) / step - 1e-9)) + 1)]
-    return [round(t, 12) for t in ticks]
-
-
-def _escape(text):
-    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
-
-
-def svg_panel_plot(panels, y_label, title, plot_w=None, plot_h=None, columns=2):
-    """panels: [(x_label, series), ...] with series {name: {'points': [(x, y), ...], 'marked': x or None}} -> an SVG
-    document: one panel per depth knob (a beam size of 50 and a reasoning step of 2 do not share an x axis) in rows of
-    `columns`, each with axes, ticks, one polyline per series with point markers and a ring at its marked x; all on
-    one y scale so models stay comparable; one legend, one color per series name across panels."""
-    plot_w = plot_w or (460 if len(panels) == 1 else 300)
-    plot_h = plot_h or (300 if len(panels) == 1 else 220)
-    names = list(dict.fromkeys(name for _, series in panels for name in series))
-    color = {name: COLORS[i % len(COLORS)] for i, name in enumerate(names)}
-    marked = any(s.get("marked") is not None for _, series in panels for s in series.values())
-    ys = [y for _, series in panels for s in series.values() for _, y in s["points"]]
-    y_ticks = nice_ticks(min(ys), max(ys))
-    left, top, bottom, gap = 70, 40, 55, 30
-    cell_w, cell_h = left + plot_w + gap, plot_h + bottom
-    legend_w = 60 + 7 * max(len(str(name)) for name in names + (["trained depth"] if marked else []))
-    n_cols = min(columns, len(panels))
-    width = n_cols * cell_w - gap + legend_w
-    height = top + cell_h * math.ceil(len(panels) / n_cols)
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
-           'font-family="sans-serif" font-size="12">', f'<rect width="{width}" height="{height}" fill="white"/>',
-           f'<text x="{(width - legend_w) / 2:.1f}" y="22" text-anchor="middle" font-size="14">{_escape(title)}</text>']
-    for index, (x_label, series) in enumerate(panels):
-        ox, oy = (index % n_cols) * cell_w, top + (index // n_cols) * cell_h
-        out.append(f'<g class="panel" transform="translate({ox} {oy})">')
-        out += _panel(series, x_label, y_label, y_ticks, color, left, plot_w, plot_h)
-        out.append("</g>")
-    legend_x = width - legend_w
-    for index, name in enumerate(names):
-        ly = top + 10 + 20 * index
-        out.append(f'<line x1="{legend_x + 15}" y1="{ly}" x2="{legend_x + 40}" y2="{ly}" stroke="{color[name]}" '
-                   f'stroke-width="2"/><text x="{legend_x + 45}" y="{ly + 4}">{_escape(name)}</text>')
-    if marked:
-        ly = top + 10 + 20 * len(names)
-        out.append(f'<circle cx="{legend_x + 27}" cy="{ly}" r="6" fill="none" stroke="black"/>'
-                   f'<text x="{legend_x + 45}" y="{ly + 4}">trained depth</text>')
-    out.append("</svg>")
-    return "\n".join(out) + "\n"
-
-
-def _panel(series, x_label, y_label, y_ticks, color, left, plot_w, plot_h):
-    """One panel's axes, ticks, axis labels and lines, its plot area at (left, 0)."""
-    xs = [x for s in series.values() for x, _ in s["points"]]
-    x_ticks = sorted(set(xs)) if len(set(xs)) <= 12 else nice_ticks(min(xs), max(xs))
-    x0, x1 = min(x_ticks + xs), max(x_ticks + xs)
-    y0, y1 = min(y_ticks), max(y_ticks)
-    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
-
-    def px(x):
-        return left + (x - x0) / (x1 - x0) * plot_w
-
-    def py(y):
-        return plot_h - (y - y0) / (y1 - y0) * plot_h
-
-    out = [f'<line x1="{left}" y1="{plot_h}" x2="{left + plot_w}" y2="{plot_h}" stroke="black"/>',
-           f'<line x1="{left}" y1="0" x2="{left}" y2="{plot_h}" stroke="black"/>']
-    for x in x_ticks:
-        out.append(f'<line x1="{px(x):.1f}" y1="{plot_h}" x2="{px(x):.1f}" y2="{plot_h + 5}" stroke="black"/>'
-                   f'<text x="{px(x):.1f}" y="{plot_h + 18}" text-anchor="middle">{x:g}</text>')
-    for y in y_ticks:
-        out.append(f'<line x1="{left - 5}" y1="{py(y):.1f}" x2="{left}" y2="{py(y):.1f}" stroke="black"/>'
-                   f'<line x1="{left}" y1="{py(y):.1f}" x2="{left + plot_w}" y2="{py(y):.1f}" stroke="#ddd"/>'
-                   f'<text x="{left - 8}" y="{py(y) + 4:.1f}" text-anchor="end">{y:g}</text>')
-    out.append(f'<text x="{left + plot_w / 2:.1f}" y="{plot_h + 40}" text-anchor="middle">{_escape(x_label)}</text>')
-    out.append(f'<text transform="translate(16 {plot_h / 2:.1f}) rotate(-90)" text-anchor="middle">'
-               f'{_escape(y_label)}</text>')
-    for name, s in series.items():
-        points = sorted(s["points"])
-        path = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in points)
-        out.append(f'<polyline class="series" data-name="{_escape(name)}" points="{path}" fill="none" '
-                   f'stroke="{color[name]}" stroke-width="2"/>')
-        for x, y in points:
-            out.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{color[name]}"/>')
-            if x == s.get("marked"):
-                out.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="7" fill="none" stroke="{color[name]}"/>')
-    return out

@@ -345,13 +345,11 @@ def _threads_per_process(nproc):
     return max(1, cores // nproc)
 
 
-def _worker(local_rank, model, dataset, config_file_list, config_dict, saved, threads, queue):
+def _worker(local_rank, run, model, dataset, config_file_list, config_dict, saved, threads, queue):
     if threads:
         torch.set_num_threads(threads)
     try:
-        from recbole_reason.quick_start import run_recbole_reason
-
-        result = run_recbole_reason(model, dataset, config_file_list, {**config_dict, "local_rank": local_rank}, saved)
+        result = run(model, dataset, config_file_list, {**config_dict, "local_rank": local_rank}, saved)
         if local_rank == 0:
             queue.put(("result", local_rank, result, None))
     except BaseException as error:
@@ -373,10 +371,12 @@ def _drain(queue):
     return messages
 
 
-def run_distributed(model=None, dataset=None, config_file_list=None, config_dict=None, nproc=2, saved=True,
+def run_distributed(run, model=None, dataset=None, config_file_list=None, config_dict=None, nproc=2, saved=True,
                     world_size=-1, ip="localhost", port=None, group_offset=0):
     """Train and test with `nproc` DDP processes on this machine (NCCL on the GPUs of `gpu_id`, Gloo on the CPU);
-    returns rank 0's result dict, as `run_recbole_reason` does, plus `replica_digests`. `world_size`, `ip`,
+    each process calls `run(model, dataset, config_file_list, config_dict, saved)` (the quick start's
+    `run_recbole_reason`, passed in: this lower layer never imports the quick start; a module-level function, so
+    the spawned processes can import it) and rank 0's result dict is returned, plus `replica_digests`. `world_size`, `ip`,
     `port`, `group_offset`: several machines, as RecBole's `run_recboles` (default: this machine only).
 
     An exception in any process stops all of them and is raised here (the first one, with its rank noted)."""
@@ -388,7 +388,7 @@ def run_distributed(model=None, dataset=None, config_file_list=None, config_dict
     settings = dict(config_dict or {})
     settings.update(nproc=nproc, world_size=world_size, ip=ip, port=port or free_port(), offset=group_offset)
     queue = mp.get_context("spawn").SimpleQueue()
-    args = (model, dataset, config_file_list, settings, saved, _threads_per_process(nproc), queue)
+    args = (run, model, dataset, config_file_list, settings, saved, _threads_per_process(nproc), queue)
     context = mp.start_processes(_worker, args=args, nprocs=nproc, join=False, start_method="spawn")
     messages = []
     try:

@@ -12,19 +12,7 @@ from recbole.utils import get_environment, init_seed, set_color
 
 from recbole_reason.config import Config
 from recbole_reason.distributed import init_rank_logger, rank_zero_first, run_distributed
-from recbole_reason.utils import create_dataset, get_model, get_trainer
-
-
-def metrics_table(rows):
-    """Markdown table of metric dicts, e.g. {'best valid': {...}, 'test': {...}}: pasteable into a paper."""
-    rows = {name: result for name, result in rows.items() if result}
-    if not rows:
-        return ""
-    metrics = list(next(iter(rows.values())).keys())
-    lines = ["| split | " + " | ".join(metrics) + " |", "|---|" + "---:|" * len(metrics)]
-    for name, result in rows.items():
-        lines.append(f"| {name} | " + " | ".join(f"{float(result[m]):.4f}" for m in metrics) + " |")
-    return "\n".join(lines)
+from recbole_reason.utils import create_dataset, get_model, get_trainer, metrics_table  # noqa: F401 (re-exported)
 
 
 def _build(config):
@@ -71,7 +59,7 @@ def run_recbole_reason(model=None, dataset=None, config_file_list=None, config_d
     if resume:
         config_dict = {**(config_dict or {}), "resume": str(resume)}  # a config key, so DDP workers get it too
     if nproc != 1:
-        return run_distributed(model, dataset, config_file_list, config_dict, nproc=nproc, saved=saved)
+        return run_distributed(run_recbole_reason, model, dataset, config_file_list, config_dict, nproc=nproc, saved=saved)
     config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
     init_seed(config["seed"], config["reproducibility"])
     init_rank_logger(config)

@@ -85,9 +85,15 @@ MALFORMED = {
     "short_row": (dict(inter=lambda L: L[:4] + ["\t".join(L[4].split("\t")[:3])] + L[5:]),
                   r"short_row\.inter, line 5: 3 columns, the header has 4"),
     "text_in_float": (dict(inter=lambda L: edit_row(L, 7, 3, "yesterday")),
-                      r"text_in_float\.inter, line 8: timestamp is declared float but holds 'yesterday'.*Fix"),
+                      r"text_in_float\.inter, line 8, column timestamp: 'yesterday' is not a number, and the header "
+                      r"declares timestamp:float\. Fix"),
+    "text_in_rating": (dict(inter=lambda L: edit_row(L, 7, 2, "four")),
+                       r"text_in_rating\.inter, line 8, column rating: 'four' is not a number.*rating:token"),
     "empty_timestamp": (dict(inter=lambda L: edit_row(L, 9, 3, "")),
                         r"empty_timestamp\.inter, line 10: empty timestamp\. Fix"),
+    # NaN in the time column: pandas reads it as a number, RecBole would fill in the mean timestamp silently
+    "nan_timestamp": (dict(inter=lambda L: edit_row(L, 9, 3, "NaN")),
+                      r"nan_timestamp\.inter, line 10: timestamp is 'NaN', not a number .*mean.*Fix: every row"),
     "untyped_header": (dict(item=lambda L: [L[0].replace("class:token_seq", "class")] + L[1:]),
                        r"untyped_header\.item: header column 'class' has no valid type.*Fix"),
     "item_long_row": (dict(item=lambda L: L[:3] + [L[3].replace(" ", "\t", 1)] + L[4:]),

@@ -120,6 +120,13 @@ def test_other_dataset_is_refused(data, tmp_path):
         trainer.load_model_weights(checkpoint)
 
 
+def test_other_reasoning_backbone_is_refused(data, tmp_path):
+    checkpoint = saved_untrained("ReaRec", data, tmp_path, rearec_backbone="gru4rec")
+    _, _, trainer = build("ReaRec", data, tmp_path)
+    with pytest.raises(CheckpointMismatchError, match=r"rearec_backbone='gru4rec' \(this run: 'sasrec'\).*--rearec_backbone='gru4rec'"):
+        trainer.load_model_weights(checkpoint)
+
+
 def test_other_number_of_codebooks_is_refused(data, tmp_path):
     checkpoint = saved_untrained("REG4Rec", data, tmp_path)
     _, _, trainer = build("REG4Rec", data, tmp_path, mpq_num_codebooks=4)

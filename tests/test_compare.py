@@ -22,7 +22,7 @@ from recbole_reason.compare import (
     parse_variant,
     smaller_is_better,
 )
-from recbole_reason.utils import parse_setting
+from recbole_reason.cli import parse_setting
 
 
 # -- the t-test direction, on hand-made numbers -------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """Reasoning-depth study and stage-tagged logging: every model's depth knob, the study end to end on trained
-checkpoints, the table and SVG plot, and the TensorBoard tags of a multi-stage run."""
+checkpoints, the table and figure, and the TensorBoard tags of a multi-stage run."""
 
 import glob
 import os
@@ -18,7 +18,8 @@ from conftest import DATA_PATH, TINY_CONFIG, tiny_config
 from recbole_reason import create_dataset, get_model, run_recbole_reason
 from recbole_reason.compare import cli_config_overrides
 from recbole_reason.data import mpq_tokenizer as mpq
-from recbole_reason.depth_study import apply_evaluation_settings, depth_study, nice_ticks, svg_panel_plot
+from recbole_reason.depth_study import apply_evaluation_settings, depth_study
+from recbole_reason.figures import depth_figure
 from recbole_reason.model.sequential_recommender.lares import LARES
 from recbole_reason.model.sequential_recommender.r2ec import ANS, R2ec, TinyCausalLM
 from recbole_reason.model.sequential_recommender.rearec import ReaRec
@@ -151,15 +152,19 @@ def test_depth_study_on_trained_checkpoints_writes_table_plot_and_tensorboard(ti
     md = open(result["files"]["md"]).read()
     assert "| ReaRec K=2 (ReaRec, tiny) | reason_step | 2 (trained) |" in md and md.count("\n|") == 2 + 9
     assert len(open(result["files"]["csv"]).read().splitlines()) == 1 + 9
-    svg = ET.parse(result["files"]["svg"]).getroot()
-    lines = [e for e in svg.iter("{http://www.w3.org/2000/svg}polyline")]
-    assert [e.get("data-name") for e in lines] == ["ReaRec K=2", "LARES T=2"]
-    assert [len(e.get("points").split()) for e in lines] == [5, 4]
-    texts = [e.text for e in svg.iter("{http://www.w3.org/2000/svg}text")]
-    # one panel per depth knob (their x axes differ), one y scale, one legend
-    panels = list(svg.iter("{http://www.w3.org/2000/svg}g"))
-    assert [len(list(panel.iter("{http://www.w3.org/2000/svg}polyline"))) for panel in panels] == [1, 1]
-    assert {"reason_step", "test_recurrence", "ndcg@10"} <= set(texts) and texts.count("LARES T=2") == 1
+    # the figure (matplotlib): PNG, PDF and SVG written; one panel per depth knob (their x axes differ), one line
+    # per checkpoint drawn from the table's numbers, one legend
+    assert open(result["files"]["png"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert open(result["files"]["pdf"], "rb").read(5) == b"%PDF-"
+    ET.parse(result["files"]["svg"])
+    figure = depth_figure(result["rows"], "ndcg@10")
+    panels = [ax for ax in figure.axes if ax.get_visible()]
+    assert [ax.get_xlabel() for ax in panels] == ["reason_step", "test_recurrence"]
+    drawn = [[line for line in ax.lines if not line.get_label().startswith("_")] for ax in panels]
+    assert [[line.get_label() for line in lines] for lines in drawn] == [["ReaRec K=2"], ["LARES T=2"]]
+    assert [len(lines[0].get_xdata()) for lines in drawn] == [5, 4]
+    assert list(drawn[0][0].get_ydata()) == [rows[("ReaRec K=2", d)]["metrics"]["ndcg@10"] for d in range(5)]
+    assert [t.get_text() for t in figure.legends[0].get_texts()] == ["ReaRec K=2", "LARES T=2", "trained depth"]
 
     # the study's own TensorBoard scalars, depth as the step
     study_dirs = [d for d in glob.glob(str(tmp_path / "log_tensorboard" / "*")) if d != trainers[0].tensorboard.log_dir]
@@ -187,18 +192,6 @@ def test_train_first_path_studies_the_checkpoint_it_trained(monkeypatch, tmp_pat
 
 
 # -- outputs and the other logging paths --------------------------------------------------------------------------------
-def test_svg_plot_has_axes_ticks_legend_and_the_trained_marker():
-    svg = svg_panel_plot([("depth", {"a": {"points": [(0, 0.1), (1, 0.2), (2, 0.15)], "marked": 1},
-                                     "b": {"points": [(0, 0.12), (2, 0.18)], "marked": None}})], "ndcg@10", "t & <x>")
-    root = ET.fromstring(svg)  # well-formed, special characters escaped
-    texts = [e.text for e in root.iter("{http://www.w3.org/2000/svg}text")]
-    assert {"0", "1", "2", "depth", "ndcg@10", "a", "b", "trained depth", "t & <x>"} <= set(texts)
-    assert len([e for e in root.iter("{http://www.w3.org/2000/svg}polyline")]) == 2
-    assert len([e for e in root.iter("{http://www.w3.org/2000/svg}circle") if e.get("r") == "7"]) == 1
-    assert nice_ticks(0.012, 0.0175) == [0.012, 0.014, 0.016, 0.018]  # steps of 1, 2, 2.5 or 5 x 10^k
-    assert nice_ticks(0.5, 0.5)[0] < 0.5 < nice_ticks(0.5, 0.5)[-1]
-
-
 def test_mpq_tokenizer_epochs_go_to_tensorboard(tmp_path):
     settings = mpq.TokenizerSettings(
         num_codebooks=2, codebook_size=4, max_codebooks=8, latent_dim=4, hidden_dim=8, input_dim=8, epochs=3,

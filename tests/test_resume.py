@@ -272,7 +272,7 @@ def test_resume_state_can_be_switched_off_and_is_validated(mini, tmp_path):
         Run("ReaRec", settings("ReaRec", mini, tmp_path / "again"), resume=run.trainer.saved_model_file)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         Run("ReaRec", settings("ReaRec", mini, tmp_path / "again"), resume=str(tmp_path / "nothing.pth"))
-    with pytest.raises(ValueError, match="save_resume_state must be true or false"):
+    with pytest.raises(ValueError, match="save_resume_state = .yes. .*must be true or false"):  # config_checks
         Run("ReaRec", settings("ReaRec", mini, tmp_path / "bad", save_resume_state="yes"))
 
 

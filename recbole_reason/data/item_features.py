@@ -7,8 +7,8 @@ field f's token t (t >= 1) gets the global id `offset[f] + t`, with 0 kept as pa
 ml-100k: movie_title (title words), release_year, class (genres). Amazon Beauty/Toys: attributes.
 
 Values that are not in a field's vocabulary never reach a model: RecBole reads an empty token / token_seq value of
-an `.item` row as [PAD] (id 0: the item simply has no value there), `utils.check_dataset_files` refuses rows for
-items the `.inter` file never names, and an id outside the shared vocabulary is an error in `describe`.
+an `.item` row as [PAD] (id 0: the item simply has no value there), `data.validation.check_dataset_files` refuses
+rows for items the `.inter` file never names, and an id outside the shared vocabulary is an error in `describe`.
 """
 
 import os

@@ -22,6 +22,20 @@ def causal_attention_bias(key_is_valid, n_queries):
     return torch.where(allowed, 0.0, MASKED).unsqueeze(1)
 
 
+def prefix_attention_bias(key_is_valid, n_queries, n_prefix):
+    """Prefix masking (ReaRec on BERT4Rec): like `causal_attention_bias`, but the first `n_prefix` positions (the
+    item tokens) are bidirectional among themselves; later positions (reasoning tokens) attend causally, to every
+    valid prefix key and to themselves and earlier reasoning tokens. Prefix queries never see later positions."""
+    n_keys = key_is_valid.size(1)
+    query_positions = torch.arange(n_keys - n_queries, n_keys, device=key_is_valid.device)
+    key_positions = torch.arange(n_keys, device=key_is_valid.device)
+    visible = (key_positions[None, :] <= query_positions[:, None]) | (
+        (key_positions[None, :] < n_prefix) & (query_positions[:, None] < n_prefix)
+    )
+    allowed = visible[None] & key_is_valid[:, None, :]
+    return torch.where(allowed, 0.0, MASKED).unsqueeze(1)
+
+
 class CachedTransformerEncoder(TransformerEncoder):
     def forward_cached(self, hidden, attention_bias, past=None):
         """hidden: [B, Q, H] new tokens; attention_bias: [B, 1, Q, S] over all S = past + Q keys;

@@ -19,7 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from recbole_reason.distributed import broadcast_from_rank0
-from recbole_reason.quick_start import metrics_table
+from recbole_reason.utils import metrics_table
 from recbole_reason.trainer.base import PostTrainingTrainer
 
 

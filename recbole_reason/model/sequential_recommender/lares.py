@@ -16,6 +16,8 @@ A SASRec-style recommender that "thinks" in latent space with recurrent depth:
     o_i = S_i[last real position];  score(o, E) = o E^T  (or cos(o, E) / tau)
 
 Training depth T is random per forward (Huginn's poisson-lognormal by default), test depth is fixed.
+A and C are RecBole's causal TransformerEncoder (SASRec) or, with `lares_encoder: lightsans`, RecBole's
+LightTransformerEncoder (LightSANs), whose blocks take the position embedding P as input instead of E + P.
 
 Stage 1, self-supervised pre-training (SPT, `calculate_loss`):
     L_SPT = CE + alpha * TLA + gamma * SLA
@@ -35,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from recbole.model.abstract_recommender import SequentialRecommender
-from recbole.model.layers import TransformerEncoder
+from recbole.model.layers import LightTransformerEncoder, TransformerEncoder
 from recbole.utils import ensure_dir
 from torch import nn
 
@@ -46,6 +48,9 @@ STATE_INIT_METHODS = ("normal", "normal_zero", "zero")
 ADAPTER_TYPES = ("add", "concat", "linear")
 SEM_FUNCS = ("dot", "cos")
 REWARD_METRICS = ("recall", "ndcg")
+# The pre-block and the core block: RecBole's causal TransformerEncoder (SASRec, the official code) or RecBole's
+# LightTransformerEncoder (LightSANs: low-rank item-to-interest attention plus decoupled position attention).
+ENCODERS = ("transformer", "lightsans")
 
 # Column added to the training split so a batch row knows its own index: TLA needs it to draw a partner that is
 # not the row itself, and RPT's data filter keeps rows by index.
@@ -195,6 +200,8 @@ class LARES(SequentialRecommender):
         super().__init__(config, dataset)
 
         # --- architecture -------------------------------------------------------------------------------------
+        self.lares_encoder = config["lares_encoder"]
+        self.k_interests = config["k_interests"]  # lightsans: latent interests of the item-to-interest aggregation
         self.n_pre_layers = config["n_pre_layers"]
         self.n_core_layers = config["n_core_layers"]
         self.n_heads = config["n_heads"]
@@ -268,6 +275,9 @@ class LARES(SequentialRecommender):
         def choice(key, value, options):
             _require(value in options, f"{key} must be one of {list(options)}, got {value!r}.")
 
+        choice("lares_encoder", self.lares_encoder, ENCODERS)
+        if self.lares_encoder == "lightsans":
+            positive_int("k_interests", self.k_interests)
         positive_int("n_pre_layers", self.n_pre_layers, minimum=0)
         positive_int("n_core_layers", self.n_core_layers)
         positive_int("mean_recurrence", self.mean_recurrence)
@@ -298,7 +308,7 @@ class LARES(SequentialRecommender):
         )
 
     def _encoder(self, n_layers):
-        encoder = TransformerEncoder(
+        shared = dict(
             n_layers=n_layers,
             n_heads=self.n_heads,
             hidden_size=self.hidden_size,
@@ -308,6 +318,10 @@ class LARES(SequentialRecommender):
             hidden_act=self.hidden_act,
             layer_norm_eps=self.layer_norm_eps,
         )
+        if self.lares_encoder == "lightsans":
+            encoder = LightTransformerEncoder(k_interests=self.k_interests, seq_len=self.max_seq_length, **shared)
+        else:
+            encoder = TransformerEncoder(**shared)
         if self.hidden_act == "gelu":
             for layer in encoder.layer:
                 # RecBole's gelu, x * 0.5 * (1 + erf(x / sqrt(2))), is four element-wise kernels; F.gelu is the same
@@ -395,11 +409,17 @@ class LARES(SequentialRecommender):
         return weight * state + (1 - weight) * h
 
     def pre_block(self, item_seq):
-        """H = A(Dropout(LN1(E[seq] + P))) and the causal attention mask: what every step re-injects."""
+        """H = A(Dropout(LN1(E[seq] + P))) and the causal attention mask: what every step re-injects, and the second
+        argument of every block. lightsans: H = A(Dropout(LN1(E[seq]))), and that argument is the position
+        embedding P, which LightSANs feeds to each of its blocks (decoupled position attention) instead of a mask."""
         position_ids = torch.arange(item_seq.size(1), dtype=torch.long, device=item_seq.device)
-        x = self.item_embedding(item_seq) + self.position_embedding(position_ids).unsqueeze(0)
-        x = self.input_dropout(self.input_layer_norm(x))
-        attention_mask = self.get_attention_mask(item_seq)
+        if self.lares_encoder == "lightsans":
+            x = self.input_dropout(self.input_layer_norm(self.item_embedding(item_seq)))
+            attention_mask = self.position_embedding(position_ids)
+        else:
+            x = self.item_embedding(item_seq) + self.position_embedding(position_ids).unsqueeze(0)
+            x = self.input_dropout(self.input_layer_norm(x))
+            attention_mask = self.get_attention_mask(item_seq)
         h = self.pre_encoder(x, attention_mask)[-1] if self.pre_encoder is not None else x
         return h, attention_mask
 
@@ -441,7 +461,8 @@ class LARES(SequentialRecommender):
         readouts = []
         for step in range(n_steps):
             x = self.core_layer_norm(self.reinject(state, h))
-            if readout_only and step == n_steps - 1:
+            # (LightSANs pools keys over all positions, so its last layer is not computed at one position only)
+            if readout_only and step == n_steps - 1 and self.lares_encoder == "transformer":
                 for layer in self.core_encoder.layer[:-1]:
                     x = layer(x, attention_mask)
                 state = None

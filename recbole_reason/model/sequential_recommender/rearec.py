@@ -5,9 +5,10 @@ Reference:
     Jiakai Tang et al. "Think Before Recommend: Unleashing the Latent Reasoning Power for Sequential
     Recommendation." arXiv 2503.22675 (v3, 2025).
 
-A SASRec backbone that, after encoding the history, "thinks" for K extra steps: the last output is fed back as a
-new token plus a Reasoning Position Embedding (RPE), h0_{n+k} = hL_{n+k-1} + pR_k, under a causal mask, giving
-R = [r_0 .. r_K]. Two ways to learn from R:
+A sequential encoder (`rearec_backbone`: RecBole's SASRec by default, BERT4Rec under prefix masking, or GRU4Rec;
+see model/reasoning_backbones.py) that, after encoding the history, "thinks" for K extra steps: the last output is
+fed back as a new token plus a Reasoning Position Embedding (RPE), h0_{n+k} = hL_{n+k-1} + pR_k, under a causal
+mask, giving R = [r_0 .. r_K]. Two ways to learn from R:
     ERL (Ensemble Reasoning Learning): CE on mean(r_0..r_K) minus a KL diversity term between step distributions.
     PRL (Progressive Reasoning Learning): Progressive Temperature Annealing (PTA) over steps plus
         Reasoning-aware Contrastive Learning (RCL) between clean and noise-perturbed reasoning tokens.
@@ -23,7 +24,7 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
 from torch import nn
 
-from recbole_reason.model.layers import CachedTransformerEncoder, causal_attention_bias
+from recbole_reason.model.reasoning_backbones import BACKBONES
 
 MODES = ("erl", "prl", "rpe", "naive")
 
@@ -56,26 +57,24 @@ class ReaRec(SequentialRecommender):
         self.noise_is_variance = config["noise_is_variance"]  # paper: N(0, gamma I); code: std gamma
         self.warmup_epochs = config["warmup_epochs"]  # RCL is off for the first warmup_epochs epochs
         self.kv_cache = config["kv_cache"]
+        # Backbone (model/reasoning_backbones.py); GRU4Rec's own keys, read for every backbone so that each is
+        # checked once here.
+        self.backbone_name = config["rearec_backbone"]
+        self.embedding_size = config["embedding_size"]  # gru4rec: item embedding size (hidden_size is the GRU's)
+        self.num_layers = config["num_layers"]  # gru4rec: GRU layers
+        self.dropout_prob = config["dropout_prob"]  # gru4rec: dropout on item and reasoning tokens
+        self.cloze_weight = config["cloze_weight"]  # bert4rec: weight of BERT4Rec's own cloze (masked-item) loss
         self._validate(config)
+        self.backbone = BACKBONES[self.backbone_name]
+        if self.cloze_weight > 0:  # fields added to the training batches by RecBole's mask_itemseq transform
+            self.MASK_ITEM_SEQ, self.POS_ITEMS, self.MASK_INDEX = (
+                config["MASK_ITEM_SEQ"], config["POS_ITEMS"], config["MASK_INDEX"])
 
-        self.item_embedding = nn.Embedding(self.n_items, self.hidden_size, padding_idx=0)
-        self.position_embedding = nn.Embedding(self.max_seq_length, self.hidden_size)
-        self.reason_position_embedding = nn.Parameter(torch.empty(self.reason_step, self.hidden_size))  # RPE, K x d
-        self.trm_encoder = CachedTransformerEncoder(
-            n_layers=self.n_layers,
-            n_heads=self.n_heads,
-            hidden_size=self.hidden_size,
-            inner_size=self.inner_size,
-            hidden_dropout_prob=self.hidden_dropout_prob,
-            attn_dropout_prob=self.attn_dropout_prob,
-            hidden_act=self.hidden_act,
-            layer_norm_eps=self.layer_norm_eps,
-        )
-        # Applied to the item tokens once and to every reasoning token (the official wrapper's LN -> Dropout).
-        self.LayerNorm = nn.LayerNorm(self.hidden_size, eps=self.layer_norm_eps)
-        self.input_dropout = nn.Dropout(self.input_dropout_prob)
+        self.backbone.build(self, config)  # the backbone's layers, under RecBole's names
+        token_size = self.backbone.token_size(self)
+        self.reason_position_embedding = nn.Parameter(torch.empty(self.reason_step, token_size))  # RPE, K x d
         self.epoch = 0
-        self.apply(self._init_weights)
+        self.apply(lambda module: self.backbone.init_weights(self, module))
         nn.init.normal_(self.reason_position_embedding, std=self.initializer_range)
 
     def _validate(self, config):
@@ -94,6 +93,19 @@ class ReaRec(SequentialRecommender):
         require(self.hidden_size % self.n_heads == 0,
                 f"hidden_size ({self.hidden_size}) must be a multiple of n_heads ({self.n_heads})")
         require(config["loss_type"] == "CE", f"loss_type must be CE (full softmax over items), got {config['loss_type']!r}")
+        require(self.backbone_name in BACKBONES,
+                f"rearec_backbone must be one of {tuple(BACKBONES)}, got {self.backbone_name!r}")
+        if self.backbone_name == "gru4rec":
+            require(isinstance(self.num_layers, int) and self.num_layers >= 1,
+                    f"num_layers (GRU layers of the gru4rec backbone) must be an integer >= 1, got {self.num_layers!r}")
+            require(isinstance(self.embedding_size, int) and self.embedding_size >= 1,
+                    f"embedding_size (item embedding of the gru4rec backbone) must be an integer >= 1, got {self.embedding_size!r}")
+        require(self.cloze_weight >= 0, f"cloze_weight must be >= 0 (0 = no cloze term), got {self.cloze_weight}")
+        if self.cloze_weight > 0:
+            require(self.backbone_name == "bert4rec",
+                    f"cloze_weight > 0 is BERT4Rec's cloze objective: set rearec_backbone: bert4rec (got {self.backbone_name!r}) or cloze_weight: 0")
+            require(config["transform"] == "mask_itemseq",
+                    f"cloze_weight > 0 needs RecBole's masked training batches: set transform: mask_itemseq (and mask_ratio), got transform: {config['transform']!r}")
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -109,68 +121,57 @@ class ReaRec(SequentialRecommender):
         self.epoch = epoch
 
     def loss_names(self):
-        return {"erl": ("rec", "kl_diversity"), "prl": ("rec", "pta_steps", "rcl")}.get(self.mode, ("rec",))
+        names = {"erl": ("rec", "kl_diversity"), "prl": ("rec", "pta_steps", "rcl")}.get(self.mode, ("rec",))
+        return names + ("cloze",) if self.cloze_weight > 0 else names
 
     @property
     def rcl_active(self):
         return self.mode == "prl" and self.cl_weight > 0 and self.reason_step > 0 and self.epoch >= self.warmup_epochs
 
     # -- encoding -------------------------------------------------------------------------------------------
-    def _embed_items(self, item_seq):
-        positions = torch.arange(item_seq.size(1), device=item_seq.device).unsqueeze(0).expand_as(item_seq)
-        return self.input_dropout(self.LayerNorm(self.item_embedding(item_seq) + self.position_embedding(positions)))
-
     def _reasoning_token(self, previous_output, step, noise=None):
-        """h0_{n+k} = hL_{n+k-1} + pR_k (+ RCL noise), then the shared input LN and dropout. No item position emb."""
+        """h0_{n+k} = hL_{n+k-1} + pR_k (+ RCL noise), then the backbone's input normalisation (SASRec, BERT4Rec: the
+        shared input LN and dropout; GRU4Rec: its embedding dropout). No item position embedding."""
         # Steps beyond the trained K (set_reasoning_depth) reuse the last learned RPE: there is none for them.
         rpe = self.reason_position_embedding[min(step, self.reason_position_embedding.size(0) - 1)]
         token = previous_output if self.mode == "naive" else previous_output + rpe
         if noise is not None:
             token = token + noise
-        return self.input_dropout(self.LayerNorm(token))
+        return self.backbone.normalize_token(self, token)
 
     def _rcl_noise(self, like):
         std = self.noise_std ** 0.5 if self.noise_is_variance else self.noise_std
         return torch.randn_like(like) * std
 
     def forward(self, item_seq, item_seq_len, noisy_view=False):
-        """R = [r_0 .. r_K], shape [B, K+1, H]. With `noisy_view`, also the RCL view (same shape): the batch is
+        """R = [r_0 .. r_K], shape [B, K+1, d]. With `noisy_view`, also the RCL view (same shape): the batch is
         run twice (the copy differs by dropout at step 0), and at every step the copy's new token is the clean
         copy's previous output + RPE + fresh noise, so noise never compounds."""
         batch = item_seq.size(0)
         if noisy_view:
             item_seq, item_seq_len = item_seq.repeat(2, 1), item_seq_len.repeat(2)
-        # Valid keys by length, not by id: reasoning tokens sit after the padding and must never attend to it.
-        key_is_valid = torch.arange(item_seq.size(1), device=item_seq.device)[None, :] < item_seq_len[:, None]
-        inputs = self._embed_items(item_seq)
-        hidden, cache = self.trm_encoder.forward_cached(inputs, causal_attention_bias(key_is_valid, inputs.size(1)))
-        outputs = [self.gather_indexes(hidden, item_seq_len - 1)]  # r_0
-
-        reasoning_inputs = []
+        hidden, memory = self.backbone.encode(self, item_seq, item_seq_len)
+        outputs = [hidden]  # r_0 (before the backbone's readout)
         for step in range(self.reason_step):
-            previous = outputs[-1]
+            previous = self.backbone.feedback(self, outputs[-1])
             if noisy_view:
                 clean_previous = previous[:batch].repeat(2, 1)
                 noise = torch.cat([torch.zeros_like(previous[:batch]), self._rcl_noise(previous[:batch])])
                 token = self._reasoning_token(clean_previous, step, noise)
             else:
                 token = self._reasoning_token(previous, step)
-            key_is_valid = torch.cat([key_is_valid, key_is_valid.new_ones(key_is_valid.size(0), 1)], dim=1)
-            if self.kv_cache:
-                bias = causal_attention_bias(key_is_valid, 1)
-                hidden, cache = self.trm_encoder.forward_cached(token.unsqueeze(1), bias, past=cache)
-                outputs.append(hidden[:, -1])
-            else:  # full re-encode of [items, reasoning tokens so far]
-                reasoning_inputs.append(token.unsqueeze(1))
-                extended = torch.cat([inputs] + reasoning_inputs, dim=1)
-                hidden, _ = self.trm_encoder.forward_cached(extended, causal_attention_bias(key_is_valid, extended.size(1)))
-                outputs.append(hidden[:, -1])
-        states = torch.stack(outputs, dim=1)
+            hidden, memory = self.backbone.step(self, token, memory)
+            outputs.append(hidden)
+        states = self.backbone.readout(self, torch.stack(outputs, dim=1))
         return (states[:batch], states[batch:]) if noisy_view else states
 
     # -- losses ---------------------------------------------------------------------------------------------
     def _logits(self, representation, temperature):
-        return torch.matmul(representation, self.item_embedding.weight.t()) / temperature
+        logits = torch.matmul(representation, self.backbone.item_table(self).t())
+        bias = self.backbone.item_bias(self)
+        if bias is not None:
+            logits = logits + bias
+        return logits / temperature
 
     def ensemble_reasoning_loss(self, states, target):
         """ERL: L = CE(mean_k r_k . E^T / tau) - lambda * mean_{i != j} KL(p_j || sg(p_i)), p_k = softmax(r_k E^T / tau)."""
@@ -207,7 +208,26 @@ class ReaRec(SequentialRecommender):
         ]
         return torch.stack(losses).mean()
 
+    def cloze_loss(self, interaction):
+        """BERT4Rec's own objective (bert4rec backbone, `cloze_weight`): CE at the positions RecBole's mask_itemseq
+        transform replaced by [mask], bidirectional attention, no reasoning, no temperature. As RecBole's BERT4Rec,
+        a mask index of 0 is padding of the index list (so position 0 is never scored)."""
+        masked_index = interaction[self.MASK_INDEX]  # [B, m]
+        output = self.backbone.encode_all_positions(self, interaction[self.MASK_ITEM_SEQ])  # [B, L, d]
+        output = output.gather(1, masked_index.unsqueeze(-1).expand(-1, -1, output.size(-1)))  # [B, m, d]
+        logits = self._logits(output, 1.0)
+        per_position = F.cross_entropy(logits.flatten(0, 1), interaction[self.POS_ITEMS].flatten(), reduction="none")
+        is_masked = (masked_index > 0).float().flatten()
+        return (per_position * is_masked).sum() / is_masked.sum()
+
     def calculate_loss(self, interaction):
+        losses = self._reasoning_loss(interaction)
+        if self.cloze_weight > 0:
+            losses = (losses,) if torch.is_tensor(losses) else losses
+            return (*losses, self.cloze_weight * self.cloze_loss(interaction))
+        return losses
+
+    def _reasoning_loss(self, interaction):
         item_seq, item_seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
         target = interaction[self.POS_ITEM_ID]
         if self.mode == "erl":
@@ -232,8 +252,12 @@ class ReaRec(SequentialRecommender):
 
     def predict(self, interaction):
         representation = self.user_representation(interaction)
-        item_emb = self.item_embedding(interaction[self.ITEM_ID])
-        return (representation * item_emb).sum(dim=-1) / self.temperature
+        items = interaction[self.ITEM_ID]
+        scores = (representation * self.backbone.item_table(self)[items]).sum(dim=-1)
+        bias = self.backbone.item_bias(self)
+        if bias is not None:
+            scores = scores + bias[items]
+        return scores / self.temperature
 
     def full_sort_predict(self, interaction):
         return self._logits(self.user_representation(interaction), self.temperature)
@@ -243,7 +267,7 @@ class ReaRec(SequentialRecommender):
 
     def set_reasoning_depth(self, value):
         """Run K' reasoning steps instead of the trained K, without retraining; returns the previous K'.
-        K' = 0 is the backbone alone (r_0: SASRec); K' > K reuses the last learned RPE for the extra steps."""
+        K' = 0 is the backbone alone (r_0: SASRec, BERT4Rec or GRU4Rec); K' > K reuses the last learned RPE for the extra steps."""
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"ReaRec: reason_step (the reasoning depth) must be an integer >= 0 (0 = backbone only), got {value!r}")
         if value > 0 and self.reason_position_embedding.size(0) == 0:

@@ -1,0 +1,98 @@
+"""Paper figures (matplotlib): the depth-study figure and the comparison bar chart, written as valid PNG / PDF /
+SVG, reproducible byte for byte, with the numbers they are drawn from."""
+
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from recbole_reason.compare import build_tables, summarize
+from recbole_reason.figures import comparison_figure, depth_figure, save_figure
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _depth_rows():
+    rows = []
+    for label, key, trained, points in (("ReaRec K=2", "reason_step", 2, [(0, 0.10), (1, 0.12), (2, 0.15), (3, 0.14)]),
+                                        ("LARES T=4", "test_recurrence", 4, [(1, 0.08), (4, 0.13), (8, 0.135)])):
+        for depth, value in points:
+            rows.append({"label": label, "depth_key": key, "depth": depth, "trained_depth": trained, "split": "test",
+                         "metrics": {"ndcg@10": value, "hit@10": 2 * value}})
+    return rows
+
+
+def assert_valid_files(files):
+    assert open(files["png"], "rb").read(8) == PNG_MAGIC
+    pdf = open(files["pdf"], "rb").read()
+    assert pdf.startswith(b"%PDF-") and pdf.rstrip().endswith(b"%%EOF")
+    ET.parse(files["svg"])  # well-formed XML
+
+
+def test_depth_figure_has_a_panel_per_knob_a_line_per_model_and_the_trained_ring(tmp_path):
+    figure = depth_figure(_depth_rows(), "ndcg@10")
+    axes = [ax for ax in figure.axes if ax.get_visible()]
+    assert [ax.get_xlabel() for ax in axes] == ["reason_step", "test_recurrence"]
+    assert axes[0].get_ylabel() == "ndcg@10" and axes[0].get_ylim() == axes[1].get_ylim()  # one y scale
+    lines = {ax.get_xlabel(): [line for line in ax.lines if line.get_label() and not line.get_label().startswith("_")]
+             for ax in axes}
+    assert [line.get_label() for line in lines["reason_step"]] == ["ReaRec K=2"]
+    assert list(lines["reason_step"][0].get_xdata()) == [0, 1, 2, 3]
+    assert list(lines["reason_step"][0].get_ydata()) == [0.10, 0.12, 0.15, 0.14]
+    rings = [line for line in axes[1].lines if line.get_markerfacecolor() == "none"]
+    assert len(rings) == 1 and list(rings[0].get_xdata()) == [4] and list(rings[0].get_ydata()) == [0.13]
+    legend = [text.get_text() for text in figure.legends[0].get_texts()]
+    assert legend == ["ReaRec K=2", "LARES T=4", "trained depth"]
+
+    files = save_figure(figure, str(tmp_path / "depth"))
+    assert_valid_files(files)
+    again = save_figure(depth_figure(_depth_rows(), "ndcg@10"), str(tmp_path / "again"))
+    for ext in ("png", "pdf", "svg"):  # no timestamps: the same numbers give the same bytes
+        assert open(files[ext], "rb").read() == open(again[ext], "rb").read()
+
+
+def _records():
+    records = []
+    for seed, (sasrec, rearec) in zip((1, 2, 3), ((0.10, 0.12), (0.11, 0.14), (0.12, 0.13))):
+        setup = {"valid_metric": "NDCG@10"}
+        records.append({"label": "SASRec", "model": "SASRec", "dataset": "ml-100k", "seed": seed, "eval_setup": setup,
+                        "test": {"recall@10": 2 * sasrec, "ndcg@10": sasrec}, "commit": "abc"})
+        records.append({"label": "ReaRec", "model": "ReaRec", "dataset": "ml-100k", "seed": seed, "eval_setup": setup,
+                        "test": {"recall@10": 2 * rearec, "ndcg@10": rearec}, "commit": "abc"})
+    records.append({"label": "LARES", "model": "LARES", "dataset": "ml-100k", "seed": 1, "error": "out of memory"})
+    return records
+
+
+def test_comparison_bars_are_the_means_with_std_error_bars(tmp_path):
+    summary = summarize(_records(), baseline="SASRec")
+    figure = comparison_figure(summary, "ndcg@10")
+    ax = figure.axes[0]
+    bars = ax.patches
+    assert [round(bar.get_height(), 6) for bar in bars] == [0.11, 0.13]  # LARES failed: no bar
+    assert bars[0].get_hatch() == "//" and not bars[1].get_hatch()  # the baseline is hatched
+    from matplotlib.container import ErrorbarContainer
+
+    (errors,) = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    error_bars = errors.lines[2][0].get_segments()
+    half_lengths = [round((segment[1][1] - segment[0][1]) / 2, 6) for segment in error_bars]
+    assert half_lengths == [0.01, 0.01]  # sample std over the three seeds
+    assert [tick.get_text() for tick in ax.get_xticklabels()] == ["SASRec\n(n=3)", "ReaRec\n(n=3)"]
+    assert "ndcg@10" in ax.get_ylabel()
+    assert comparison_figure(summary, "not-a-metric").axes[0].get_ylabel().startswith("recall@10")  # falls back
+
+
+def test_build_tables_writes_the_comparison_figure(tmp_path):
+    import json
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / "runs.jsonl", "w") as f:
+        f.writelines(json.dumps(record) + "\n" for record in _records())
+    files, _ = build_tables(str(out), baseline="SASRec")
+    assert_valid_files(files)
+    assert files["png"].endswith("comparison.png")
+
+
+@pytest.mark.parametrize("ext", ["png", "pdf"])
+def test_save_figure_writes_only_the_formats_asked(tmp_path, ext):
+    files = save_figure(depth_figure(_depth_rows(), "hit@10"), str(tmp_path / "sub" / "fig"), formats=(ext,))
+    assert list(files) == [ext] and (tmp_path / "sub" / f"fig.{ext}").exists()
