@@ -40,7 +40,12 @@ def main():
     args = parser.parse_args()
     rows = progress_rows(args.out_dir)
     lines = [f"## Unfinished runs of {args.out_dir} (from their resume states)", ""]
-    if not rows:
+    from recbole_reason.compare import run_checkpoint_dir
+
+    root = os.path.dirname(run_checkpoint_dir(args.out_dir, "x", "x", 0, "x"))
+    empty = [os.path.basename(d) for d in sorted(glob.glob(os.path.join(root, "*"))) if not os.listdir(d)]
+    lines += [f"- `{name}`: started, no epoch finished yet" for name in empty]
+    if not rows and not empty:
         lines.append("None: every started run is finished (runs.jsonl).")
     for row in rows:
         valid = ", ".join(f"{k} {v:.4f}" for k, v in row["best_valid"].items() if k in ("ndcg@10", "recall@10"))
