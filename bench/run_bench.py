@@ -6,7 +6,9 @@
 Every run appends one JSON line to bench/results/<tag>.jsonl (so a table can be filled in parts: one model or
 one dataset per call); the Markdown table bench/results/<tag>.md is rebuilt from all lines of the tag, with the
 command, device, commit and seeds. Quality: mean and std over seeds, one-sided paired t-test against SASRec
-(H1: model > SASRec). Speed: fit time, time per epoch and full-sort inference time per 1,000 users, each also
+(H1: model > SASRec) over seeds, and over users: each run's per-user test values are stored in
+bench/results/<tag>_per_user/ and NDCG@10 is tested against SASRec's per user (Wilcoxon signed-rank and paired t,
+one-sided, pooled over the seeds both ran). Speed: fit time, time per epoch and full-sort inference time per 1,000 users, each also
 as a ratio to SASRec's on the same dataset in the same file.
 """
 
@@ -24,6 +26,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from recbole_reason.compare import device_name  # noqa: E402  (after the path insert)
+from recbole_reason.per_user import PerUserRecorder  # noqa: E402
 
 # name -> (RecBole/plugin model, config overrides). Baselines and plugin variants share every other setting.
 VARIANTS = {
@@ -94,13 +97,16 @@ def run_one(variant, dataset, seed, config_files, overrides):
     base = {"model": model_name, "dataset": dataset, "seed": seed,
             "config": {k: config[k] for k in ("MAX_ITEM_LIST_LENGTH", "hidden_size", "epochs", "train_batch_size", "learning_rate") if k in config}}
     stage_records = []
+    per_user = {}  # row name -> per-user test values (recbole_reason.per_user)
     start = time.perf_counter()
     if variant in STAGE_ROWS and getattr(trainer, "post_epochs", 0) > 0:
         start_post_training = trainer.start_post_training
 
         def evaluate_first_stage(data):
             stage_seconds = time.perf_counter() - start
-            result = trainer.evaluate(test_data, load_best_model=False)
+            with PerUserRecorder(trainer) as recorder:
+                result = trainer.evaluate(test_data, load_best_model=False)
+            per_user[STAGE_ROWS[variant]] = recorder.last
             seconds, users = full_sort_seconds(trainer.model, test_data, config["device"])
             epochs = len(trainer.train_loss_dict)
             stage_records.append({**base, "variant": STAGE_ROWS[variant], "from_run_of": variant,
@@ -115,7 +121,9 @@ def run_one(variant, dataset, seed, config_files, overrides):
         trainer.start_post_training = evaluate_first_stage
     best_valid_score, best_valid = trainer.fit(train_data, valid_data, saved=True, show_progress=config["show_progress"])
     fit_seconds = time.perf_counter() - start
-    test = trainer.evaluate(test_data, load_best_model=True)
+    with PerUserRecorder(trainer) as recorder:
+        test = trainer.evaluate(test_data, load_best_model=True)
+    per_user[variant] = recorder.last
     inference_seconds, users = full_sort_seconds(trainer.model, test_data, config["device"])
     epochs = len(trainer.train_loss_dict)
     extra = trainer.post_evaluate(test_data) if hasattr(trainer, "post_evaluate") else {}
@@ -136,17 +144,45 @@ def run_one(variant, dataset, seed, config_files, overrides):
         kept = getattr(trainer.model, attribute)
         setattr(trainer.model, attribute, value)
         try:
-            result = trainer.evaluate(test_data, load_best_model=False)
+            with PerUserRecorder(trainer) as recorder:
+                result = trainer.evaluate(test_data, load_best_model=False)
+            per_user[row] = recorder.last
             seconds, users = full_sort_seconds(trainer.model, test_data, config["device"])
         finally:
             setattr(trainer.model, attribute, kept)
         stage_records.append({**record, "variant": row, "from_run_of": variant, "extra": {},
                               "test": {k: float(v) for k, v in result.items()},
                               "inference_seconds_per_1000_users": 1000 * seconds / max(users, 1)})
-    return [record] + stage_records
+    return [record] + stage_records, per_user
 
 
-def summarize(records, header):
+def save_run_per_user(results_dir, tag, record, values):
+    """<tag>_per_user/<variant>_<dataset>_<seed>.npz beside <tag>.jsonl; returns its path relative to results_dir."""
+    from recbole_reason.per_user import save_per_user
+
+    path = os.path.join(f"{tag}_per_user", f"{record['variant']}_{record['dataset']}_{record['seed']}.npz")
+    os.makedirs(os.path.join(results_dir, f"{tag}_per_user"), exist_ok=True)
+    save_per_user(os.path.join(results_dir, path), values)
+    return path
+
+
+def user_paired_cell(runs, base_runs, results_dir, metric="ndcg@10"):
+    """'rel. diff (Wilcoxon p, paired t p)' of a variant's per-user NDCG@10 against SASRec's, pooled over the seeds
+    both ran (recbole_reason.per_user.paired_over_seeds); '–' without per-user files."""
+    from recbole_reason.per_user import load_per_user, paired_over_seeds
+
+    def load(rows):
+        return {r["seed"]: load_per_user(os.path.join(results_dir, r["per_user_file"])) for r in rows
+                if r.get("per_user_file") and os.path.isfile(os.path.join(results_dir, r["per_user_file"]))}
+    test = paired_over_seeds(load(runs), load(base_runs), metric)
+    if test is None:
+        return "–"
+    from recbole_reason.compare import format_p
+
+    return f"{100 * test['rel_diff']:+.1f}% ({format_p(test['wilcoxon_p'])}, {format_p(test['ttest_p'])}; {test['n']} users)"
+
+
+def summarize(records, header, results_dir=None):
     # mean ± std and the one-sided paired t-test are recbole_reason.compare's, as in run_compare.py's tables
     from recbole_reason.compare import mean_std, one_sided_paired_ttest
 
@@ -157,8 +193,8 @@ def summarize(records, header):
         base = {r["seed"]: r for r in rows if r["variant"] == "SASRec"}
         base_speed = {key: np.mean([r[key] for r in base.values()]) for key in ("fit_seconds", "seconds_per_epoch", "inference_seconds_per_1000_users")} if base else None
         lines += [f"### {dataset}", "",
-                  "| model | seeds | " + " | ".join(QUALITY) + " | p (NDCG@10 > SASRec) | fit s (x SASRec) | epochs (best) | s/epoch (x SASRec) | infer s/1k users (x SASRec) | peak GPU MiB |",
-                  "|---|---:|" + "---:|" * (len(QUALITY) + 6)]
+                  "| model | seeds | " + " | ".join(QUALITY) + " | p (NDCG@10 > SASRec) | users: NDCG@10 vs SASRec (Wilcoxon p, t p) | fit s (x SASRec) | epochs (best) | s/epoch (x SASRec) | infer s/1k users (x SASRec) | peak GPU MiB |",
+                  "|---|---:|" + "---:|" * (len(QUALITY) + 7)]
         best = {m: max(np.mean([r["test"][m] for r in rows if r["variant"] == v]) for v in variants) for m in QUALITY}
         for variant in variants:
             runs = sorted((r for r in rows if r["variant"] == variant), key=lambda r: r["seed"])
@@ -174,13 +210,15 @@ def summarize(records, header):
                 ours, theirs = zip(*paired)
                 p_value = f"{one_sided_paired_ttest(ours, theirs):.3f}"  # H1: NDCG@10 > SASRec's
 
+            users = "–" if variant == "SASRec" or not results_dir else user_paired_cell(runs, list(base.values()), results_dir)
+
             def speed(key):
                 value = np.mean([r[key] for r in runs])
                 return f"{value:.2f} ({value / base_speed[key]:.2f}x)" if base_speed else f"{value:.2f}"
 
             gpu = [r["peak_gpu_mib"] for r in runs if r["peak_gpu_mib"]]
             lines.append(
-                f"| {variant} | {len(runs)} | " + " | ".join(cells) + f" | {p_value} | {speed('fit_seconds')} | "
+                f"| {variant} | {len(runs)} | " + " | ".join(cells) + f" | {p_value} | {users} | {speed('fit_seconds')} | "
                 f"{np.mean([r['epochs'] for r in runs]):.0f} ({np.mean([r['best_epoch'] for r in runs]):.0f}) | "
                 f"{speed('seconds_per_epoch')} | {speed('inference_seconds_per_1000_users')} | "
                 + (f"{np.mean(gpu):.0f} |" if gpu else "– |")
@@ -250,10 +288,12 @@ def main():
             for seed in (int(s) for s in args.seeds.split(",")):
                 started = time.time()
                 try:
-                    records = run_one(variant, dataset, seed, config_files, overrides)
+                    records, per_user = run_one(variant, dataset, seed, config_files, overrides)
                 except Exception as error:  # a failed model is reported, the others still run
-                    records = [{"variant": variant, "dataset": dataset, "seed": seed, "error": repr(error)}]
+                    records, per_user = [{"variant": variant, "dataset": dataset, "seed": seed, "error": repr(error)}], {}
                 for record in records:
+                    if per_user.get(record["variant"]) is not None:
+                        record["per_user_file"] = save_run_per_user(results_dir, args.tag, record, per_user[record["variant"]])
                     record.update(command=command, device=device_name(), commit=git_commit(), wall_seconds=time.time() - started)
                     with open(jsonl, "a") as f:
                         f.write(json.dumps(record) + "\n")
@@ -271,7 +311,7 @@ def main():
                  if not args.rebuild else "")
               + "".join(f"- FAILED {r['variant']} on {r['dataset']} seed {r['seed']}: {r['error']}\n" for r in failed))
     with open(os.path.join(results_dir, f"{args.tag}.md"), "w") as f:
-        f.write(summarize(records, header))
+        f.write(summarize(records, header, results_dir))
     print(open(os.path.join(results_dir, f"{args.tag}.md")).read())
 
 

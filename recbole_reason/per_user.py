@@ -151,3 +151,16 @@ def paired_test(model_values, baseline_values, alternative="greater", n_boot=999
                                method="percentile", vectorized=True, rng=np.random.default_rng(seed)).confidence_interval
     result["ci_low"], result["ci_high"] = float(interval.low), float(interval.high)
     return result
+
+
+def paired_over_seeds(model_runs, baseline_runs, metric, alternative="greater", **kwargs):
+    """`paired_test` of one metric between two models' runs ({seed: per-user values}), pooled over the seeds both
+    ran: each model's values are averaged over those seeds per user (`pool_over_seeds`), then paired by user id.
+    Returns paired_test's dict plus `seeds` (the seeds used), or None when no seed is shared."""
+    seeds = sorted(set(model_runs) & set(baseline_runs))
+    if not seeds:
+        return None
+    model = pool_over_seeds([model_runs[seed] for seed in seeds])
+    baseline = pool_over_seeds([baseline_runs[seed] for seed in seeds])
+    model_values, baseline_values, _ = align(model, baseline, metric)
+    return {**paired_test(model_values, baseline_values, alternative=alternative, **kwargs), "seeds": seeds}

@@ -150,8 +150,16 @@ def test_command_line_settings_read_values_as_recbole_reads_its_yaml():
 def test_models_variants_and_arguments_are_checked():
     assert parse_variant("ReaRec-PRL=ReaRec rearec_mode=prl reason_step=3") == (
         "ReaRec-PRL", "ReaRec", {"rearec_mode": "prl", "reason_step": 3})
-    assert normalize_models(["SASRec", ("K1", "ReaRec", {"reason_step": 1}), {"model": "LARES"}]) == [
-        ("SASRec", "SASRec", {}), ("K1", "ReaRec", {"reason_step": 1}), ("LARES", "LARES", {})]
+    assert normalize_models(["SASRec", ("K1", "ReaRec", {"reason_step": 1}), {"model": "GRU4Rec"}]) == [
+        {"label": "SASRec", "model": "SASRec", "config": {}}, {"label": "K1", "model": "ReaRec", "config": {"reason_step": 1}},
+        {"label": "GRU4Rec", "model": "GRU4Rec", "config": {}}]
+    # a catalogued label brings its settings and role (recbole_reason.variants)
+    k0 = normalize_models(["ReaRec", "ReaRec-K0"])[1]
+    assert k0["model"] == "ReaRec" and k0["config"]["reason_step"] == 0 and k0["control_of"] == "ReaRec"
+    with pytest.raises(ValueError, match="R2ec-constant cannot run yet"):
+        normalize_models(["R2ec", "R2ec-constant"])
+    with pytest.raises(ValueError, match="add REG4Rec to the models"):
+        normalize_models(["REG4Rec-noCORP"])
     with pytest.raises(ValueError, match="LABEL=MODEL"):
         parse_variant("ReaRec rearec_mode=prl")
     with pytest.raises(ValueError, match="unique"):
@@ -172,8 +180,11 @@ def test_cli_passes_models_variants_and_settings_to_compare(monkeypatch, tmp_pat
 
     monkeypatch.setattr("recbole_reason.compare.compare", fake_compare)
     run_compare.main(["--models", "SASRec,ReaRec-PRL", "--variant", "ReaRec-PRL=ReaRec rearec_mode=prl",
-                      "--datasets", "tiny,ml-100k", "--seeds", "1,2", "--baseline", "SASRec", "--epochs=3", "--gpu_id=''"])
-    assert seen["models"] == ["SASRec", ("ReaRec-PRL", "ReaRec", {"rearec_mode": "prl"})]
+                      "--control", "SASRec=ReaRec-PRL", "--datasets", "tiny,ml-100k", "--seeds", "1,2",
+                      "--baseline", "SASRec", "--jobs", "2", "--epochs=3", "--gpu_id=''"])
+    assert seen["models"] == [{"label": "SASRec", "model": "SASRec", "config": {}, "control_of": "ReaRec-PRL"},
+                              {"label": "ReaRec-PRL", "model": "ReaRec", "config": {"rearec_mode": "prl"}}]
+    assert seen["jobs"] == 2
     assert seen["datasets"] == ["tiny", "ml-100k"] and seen["seeds"] == [1, 2] and seen["baseline"] == "SASRec"
     assert seen["config_dict"] == {"epochs": 3, "gpu_id": ""}  # recorded with every run, part of its setup
     with pytest.raises(ValueError, match="--key=value"):
