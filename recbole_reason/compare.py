@@ -122,7 +122,7 @@ def normalize_models(models):
     """Models as variant dicts {'label', 'model', 'config', and optionally 'control_of', 'select', 'from_run_of' +
     'attributes', 'note'} (see recbole_reason.variants). An entry is a name ('SASRec', or a catalogued label like
     'ReaRec-K0'), a tuple (label, model[, overrides]) or such a dict. Labels must be unique; a control's model, an
-    inference-time row's trained run, must be among the models; a pending catalogue row is refused with its reason."""
+    inference-time row's trained run, must be among the models."""
     from recbole_reason.variants import variant
 
     out = []
@@ -142,8 +142,6 @@ def normalize_models(models):
     if not out:
         raise ValueError("compare needs at least one model")
     for v in out:
-        if v.get("pending"):
-            raise ValueError(f"{v['label']} cannot run yet: {v['pending']}. Leave it out of --models.")
         if v.get("from_run_of") and v["from_run_of"] not in labels:
             raise ValueError(f"{v['label']} is evaluated on the trained model of {v['from_run_of']}: add "
                              f"{v['from_run_of']} to the models")

@@ -13,7 +13,6 @@ A variant is a dict:
 - from_run_of + attributes: an inference-time control, evaluated on the trained model of `from_run_of` after its
   test with model attributes changed (no training of its own);
 - note: where it differs from its paper (shown under the table);
-- pending: why it cannot run yet (refused with that reason instead of running something that is not the control);
 - part: the GPU plan's call it runs in (bench/gpu_plan.sh PART=...; sized in README "GPU plan"), SASRec in every one.
 
 Backbone sizes come from the shared config file (bench/configs/*.yaml: d = 64, inner 256, 2 layers, 2 heads, the
@@ -55,17 +54,15 @@ VARIANTS = [
     # R2ec: the control evaluates the trained model with constant reasoning tokens of the same length.
     {"label": "R2ec", "model": "R2ec", "config": {}, "note": "tiny closed-vocabulary LM backbone (paper: Qwen / Gemma)",
      "part": "r2ec"},
-    {"label": "R2ec-constant", "model": "R2ec", "from_run_of": "R2ec", "attributes": {"reasoning_control": "constant"},
-     "control_of": "R2ec", "part": "r2ec",
-     "pending": "R2ec's constant-reasoning evaluation is issue 18's (depth_study's reasoning-content control); "
-                "until R2ec has that attribute the row is not run"},
+    {"label": "R2ec-constant", "model": "R2ec", "from_run_of": "R2ec", "attributes": {"reasoning_content": "constant"},
+     "control_of": "R2ec", "part": "r2ec"},
     # REG4Rec: CORP (category-consistent path pruning) switched off at inference on the same trained model.
     {"label": "REG4Rec", "model": "REG4Rec", "config": {}, "part": "reg4rec"},
     {"label": "REG4Rec-noCORP", "model": "REG4Rec", "from_run_of": "REG4Rec", "attributes": {"corp": "off"},
      "control_of": "REG4Rec", "part": "reg4rec"},
 ]
 CATALOG = {variant["label"]: variant for variant in VARIANTS}
-PLAN = [v["label"] for v in VARIANTS if not v.get("pending")]  # every runnable row: bench/gpu_plan.sh's table
+PLAN = [v["label"] for v in VARIANTS]  # every row: bench/gpu_plan.sh's table
 PARTS = list(dict.fromkeys(v["part"] for v in VARIANTS if v.get("part")))
 
 

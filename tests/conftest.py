@@ -11,7 +11,9 @@ TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 TINY_CONFIG = os.path.join(TESTS_DIR, "tiny.yaml")
 DATA_PATH = os.path.join(TESTS_DIR, "test_data")
 
-torch.set_num_threads(2)
+# The suite runs in one pytest-xdist worker per core (pytest.ini): one intra-op thread each, so the workers do not
+# oversubscribe the cores; without xdist, two threads.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 @pytest.fixture(autouse=True)

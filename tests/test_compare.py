@@ -156,8 +156,8 @@ def test_models_variants_and_arguments_are_checked():
     # a catalogued label brings its settings and role (recbole_reason.variants)
     k0 = normalize_models(["ReaRec", "ReaRec-K0"])[1]
     assert k0["model"] == "ReaRec" and k0["config"]["reason_step"] == 0 and k0["control_of"] == "ReaRec"
-    with pytest.raises(ValueError, match="R2ec-constant cannot run yet"):
-        normalize_models(["R2ec", "R2ec-constant"])
+    constant = normalize_models(["R2ec", "R2ec-constant"])[1]  # R2ec's reasoning-content control, same trained model
+    assert constant["from_run_of"] == "R2ec" and constant["attributes"] == {"reasoning_content": "constant"}
     with pytest.raises(ValueError, match="add REG4Rec to the models"):
         normalize_models(["REG4Rec-noCORP"])
     with pytest.raises(ValueError, match="LABEL=MODEL"):

@@ -195,7 +195,7 @@ def test_mpq_tokenizer_epochs_go_to_tensorboard(tmp_path):
     settings = mpq.TokenizerSettings(
         num_codebooks=2, codebook_size=4, max_codebooks=8, latent_dim=4, hidden_dim=8, input_dim=8, epochs=3,
         learning_rate=3e-3, batch_size=32, beta=0.25, lambda_vq=1.0, lambda_orth=0.1, lambda_bal=0.01,
-        feature_source="features", cf_epochs=0, cf_dim=8, n_pseudo_cat=4, category_field=None, seed=0)
+        feature_source="features", cf_epochs=0, cf_patience=0, cf_layers=1, cf_learning_rate=1e-3, cf_dim=8, n_pseudo_cat=4, category_field=None, seed=0)
     torch.manual_seed(0)
     writer = SummaryWriter(str(tmp_path / "tb"))
     mpq.train_mpq(torch.randn(40, 8), settings, monitor=mpq.TokenizerMonitor(writer, show_progress=True))

@@ -195,13 +195,18 @@ def test_beam_search_gives_the_previous_implementations_scores(reg4rec, corp, me
     assert torch.equal(new.topk(10).indices, old.topk(10).indices)
 
 
-def test_pars_sampling_draws_the_same_paths_as_before(reg4rec):
-    """sample_paths on the cache == the previous sampler (full decoder per step, bitset constraint), same seed."""
+@pytest.mark.parametrize("support", ["remaining", "codebook"])
+def test_pars_sampling_draws_the_same_paths_as_before(reg4rec, support):
+    """sample_paths on the cache == the previous sampler (full decoder per step, bitset constraint), same seed; the
+    stored masks and log-probs are over the policy's support (`pars_policy_support`: every remaining codebook, as
+    the beam normalises, or the chosen codebook's valid tokens)."""
     model, batch = reg4rec
+    kept, model.policy_support = model.policy_support, support
     memory, padding = model.encode(batch["item_id_list"][:8], batch["item_length"][:8])
     G, N = 4, 8 * 4
     torch.manual_seed(3)
     paths, masks, logp = model.sample_paths(memory, padding, G)
+    model.policy_support = kept
     torch.manual_seed(3)
     posting = model.posting()
     candidates = posting.any(0).unsqueeze(0).expand(N, -1)
@@ -218,8 +223,10 @@ def test_pars_sampling_draws_the_same_paths_as_before(reg4rec):
             step_mask = allowed & (model.token_codebook.unsqueeze(0) == codebook.unsqueeze(1))
             probs = torch.softmax((logits / model.sample_temperature).masked_fill(~step_mask, float("-inf")), dim=-1)
             token = torch.multinomial(probs, 1).squeeze(1)
-            ref_logp.append(model.masked_log_softmax(logits, step_mask).gather(1, token.unsqueeze(1)).squeeze(1))
-            ref_masks.append(step_mask)
+            step_support = step_mask if support == "codebook" else model.codebook_mask(used)
+            ref_logp.append(model.masked_log_softmax(logits / model.sample_temperature, step_support)
+                            .gather(1, token.unsqueeze(1)).squeeze(1))
+            ref_masks.append(step_support)
             ref_paths = torch.cat([ref_paths, token.unsqueeze(1)], 1)
             used[torch.arange(N), codebook] = True
             candidates = candidates & posting[token]

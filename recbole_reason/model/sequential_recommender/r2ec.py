@@ -365,12 +365,21 @@ class R2ec(SequentialRecommender):
         previous, self.max_reason_len = self.max_reason_len, value
         return previous
 
-    def set_reasoning_content(self, content):
+    @property
+    def reasoning_content(self):
         """What h_u reads at evaluation: the `generated` reasoning, or the same number of `constant` tokens (one fixed
-        token) or `random` tokens (drawn from a generator seeded with `seed` here: each call starts the same draws).
-        Returns the previous setting."""
+        token) or `random` tokens (drawn from a generator seeded with `seed` here: each setting starts the same
+        draws). A plain attribute to the comparison's inference-time rows (`R2ec-constant`)."""
+        return self._reasoning_content
+
+    @reasoning_content.setter
+    def reasoning_content(self, content):
         if content not in REASONING_CONTENTS:
             raise ValueError(f"reasoning content must be one of {list(REASONING_CONTENTS)}, got {content!r}.")
         self._control_generator = torch.Generator().manual_seed(self.control_seed)
+        self._reasoning_content = content
+
+    def set_reasoning_content(self, content):
+        """Set `reasoning_content`; returns the previous setting."""
         previous, self.reasoning_content = self.reasoning_content, content
         return previous
