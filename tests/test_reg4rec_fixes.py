@@ -6,12 +6,12 @@ import copy
 import pytest
 import torch
 from recbole.data import data_preparation
-from recbole.utils import init_seed
 
 from conftest import DATA_PATH, tiny_config
+from test_reg4rec import build as build_untrained
 from recbole_reason import create_dataset
 from recbole_reason.data import mpq_tokenizer as mpq
-from recbole_reason.model.sequential_recommender.reg4rec import REG4Rec, UNREACHED
+from recbole_reason.model.sequential_recommender.reg4rec import UNREACHED
 from recbole_reason.trainer import reg4rec_trainer
 from recbole_reason.trainer.reg4rec_trainer import REG4RecTrainer
 
@@ -39,16 +39,7 @@ def data(tmp_path_factory):
 
 def build(data, steps=0, **overrides):
     """A REG4Rec on the tiny data after `steps` supervised Adam steps (so its logits are not those of the init)."""
-    config, train_data, _, tokens = data
-    saved = {key: config.final_config_dict.get(key) for key in overrides}
-    config.final_config_dict.update(overrides)
-    try:
-        init_seed(2020, True)
-        model = REG4Rec(config, train_data._dataset)
-    finally:
-        config.final_config_dict.update(saved)
-    model.set_item_tokens(tokens)
-    batch = next(iter(train_data))
+    model, batch = build_untrained(data, **overrides)
     optimizer = torch.optim.Adam(model.parameters(), lr=5e-3)
     for _ in range(steps):
         loss = model.calculate_loss(batch)
