@@ -28,10 +28,10 @@ from recbole.utils import ModelType, init_seed
 
 from recbole_reason.checkpoint import checkpoint_mismatch, item_id_fingerprint
 from recbole_reason.compat import load_checkpoint
+from recbole_reason.data.item_features import item_title
 from recbole_reason.distributed import init_rank_logger
 from recbole_reason.utils import create_dataset, get_model
 
-TITLE_FIELDS = ("movie_title", "title")  # ml-100k's and the Amazon datasets' title fields
 
 
 def apply_evaluation_settings(config, config_dict):
@@ -134,19 +134,6 @@ def next_item_rows(test_dataset, uids, item_seq_field, item_seq_len_field, list_
         batch.interaction[name] = sequence
     batch.interaction[item_seq_len_field] = torch.clamp(lengths + 1, max=width).to(batch[item_seq_len_field].dtype)
     return batch
-
-
-def item_title(dataset, item):
-    """An item's title from the dataset's title field (ml-100k `movie_title`, Amazon `title`), or None."""
-    feat = dataset.item_feat
-    for field in TITLE_FIELDS:
-        if feat is not None and field in feat.columns:
-            words = feat[field][item]
-            words = words[words > 0].tolist() if words.dim() else [int(words)]
-            if dataset.field2type[field].value == "token_seq" or len(words) > 1:
-                return " ".join(str(dataset.id2token(field, w)) for w in words) or None
-            return str(dataset.id2token(field, words[0])) if words else None
-    return None
 
 
 def history_items(dataset, uid, item_seq_field):

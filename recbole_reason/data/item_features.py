@@ -103,3 +103,18 @@ def item_categories(dataset, field=None):
         return None, None
     values = dataset.get_item_feature()[field].long()
     return (values[:, 0] if values.dim() == 2 else values), field
+
+
+TITLE_FIELDS = ("movie_title", "title")  # ml-100k's and the Amazon datasets' title fields
+
+
+def item_title(dataset, item):
+    """An item's title from the dataset's title field (ml-100k `movie_title`, Amazon `title`), or None."""
+    feat = dataset.item_feat
+    for field in TITLE_FIELDS:
+        if feat is not None and field in feat.columns:
+            words = feat[field][item]
+            words = words[words > 0].tolist() if words.dim() else [int(words)]
+            if words:
+                return " ".join(str(dataset.id2token(field, w)) for w in words)
+    return None

@@ -9,8 +9,8 @@ marker, the item's holding only the marker.
 
 from recbole.utils import FeatureType
 
-from recbole_reason.data.item_features import item_feature_fields
-from recbole_reason.data.r2ec_vocab import TITLE_FIELDS, item_title
+from recbole_reason.data.item_features import TITLE_FIELDS, item_feature_fields
+from recbole_reason.data.r2ec_vocab import item_title
 
 ANSWER_MARKER = "<answer>"
 FIELD_LABELS = {"movie_title": "Title", "title": "Title", "release_year": "Release year", "class": "Genres",

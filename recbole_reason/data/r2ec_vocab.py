@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from recbole_reason.data.item_features import item_attributes, item_feature_fields
+from recbole_reason.data.item_features import item_title as title_of
 
 SPECIALS = ("[PAD]", "[BOS]", "[HIST]", "[SEP]", "[ITEMP]", "[THINK]", "[ANS]", "[UNK]")
 PAD, BOS, HIST, SEP, ITEMP, THINK, ANS, UNK = range(len(SPECIALS))
-TITLE_FIELDS = ("movie_title", "title")
 REASON_TOKEN_KINDS = ("items", "attributes", "ratings", "gaps")
 
 
@@ -198,15 +198,8 @@ def gap_buckets(times, lengths, ref_times, n_gaps, max_gap):
 
 
 def item_title(dataset, item):
-    """An item's title from its title field (ml-100k `movie_title`, Amazon `title`), else its external id."""
-    feat = dataset.get_item_feature()
-    for field in TITLE_FIELDS:
-        if field in feat:
-            words = feat[field][item]
-            words = words[words > 0].tolist() if words.dim() else [int(words)]
-            if words:
-                return " ".join(str(dataset.id2token(field, w)) for w in words)
-    return f"item {dataset.id2token(dataset.iid_field, item)}"
+    """An item's title, else its external id ('item 50')."""
+    return title_of(dataset, item) or f"item {dataset.id2token(dataset.iid_field, item)}"
 
 
 def render_token(vocab, dataset, token):
