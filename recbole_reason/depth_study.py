@@ -26,10 +26,7 @@ import json
 import math
 import os
 
-import torch
-
-from recbole_reason.compat import load_checkpoint
-from recbole_reason.inference import apply_evaluation_settings  # noqa: F401 (the loading rule of checkpoints)
+from recbole_reason.inference import apply_evaluation_settings, rebuild_from_checkpoint  # noqa: F401 (the loading rule of checkpoints)
 
 OUT_STEM = "depth_study"
 SPLITS = ("test", "valid")
@@ -81,31 +78,15 @@ def _parse_depths(depths):
 
 
 def _load_for_evaluation(checkpoint_file, config_dict):
-    """Config, eval loaders, model (weights loaded) and trainer of a checkpoint, on this machine's device."""
-    from recbole.data import data_preparation
-    from recbole.utils import init_seed
+    """Config, eval loaders, model and trainer of a checkpoint, on this machine's device (the trainer loads the
+    weights, with the checkpoint checks); a model without a depth is refused before any data is read."""
+    from recbole_reason.utils import get_trainer
 
-    from recbole_reason.distributed import init_rank_logger
-    from recbole_reason.utils import create_dataset, get_model, get_trainer
+    def check_model(name, model_class):
+        if not supports_depth(model_class):
+            raise _no_depth_error(name)
 
-    if not os.path.isfile(checkpoint_file):
-        raise FileNotFoundError(f"checkpoint {checkpoint_file} does not exist (a .pth file written by a training run).")
-    checkpoint = load_checkpoint(checkpoint_file, map_location="cpu")
-    config = checkpoint.get("config")
-    if config is None:
-        raise ValueError(f"{checkpoint_file} holds no RecBole config: pass a checkpoint saved by a training run.")
-    model_class = get_model(config["model"])
-    if not supports_depth(model_class):
-        raise _no_depth_error(config["model"])
-    apply_evaluation_settings(config, config_dict)
-    if config["device"].type == "cuda" and not torch.cuda.is_available():
-        config["device"] = torch.device("cpu")
-    init_seed(config["seed"], config["reproducibility"])
-    init_rank_logger(config)  # the study's own log file and TensorBoard folder, not the training run's
-    dataset = create_dataset(config)
-    train_data, valid_data, test_data = data_preparation(config, dataset)
-    init_seed(config["seed"], config["reproducibility"])
-    model = model_class(config, train_data._dataset).to(config["device"])
+    _, config, _, (_, valid_data, test_data), model = rebuild_from_checkpoint(checkpoint_file, config_dict, check_model)
     trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
     return config, {"test": test_data, "valid": valid_data}, model, trainer
 

@@ -62,26 +62,36 @@ def read_checkpoint(model_file):
     return checkpoint
 
 
-def load_data_and_model(model_file, config_dict=None):
-    """RecBole's `load_data_and_model`: (config, model, dataset, train_data, valid_data, test_data) of a checkpoint.
-
-    The dataset is filtered and split as in the training run (its stored config and seed), the model is rebuilt
-    and its weights loaded. config_dict: evaluation-side settings on top of the stored config (e.g.
-    {'data_path': '../shared/data'} for a checkpoint trained on another machine, 'eval_batch_size', 'gpu_id')."""
+def rebuild_from_checkpoint(model_file, config_dict=None, check_model=None):
+    """(checkpoint, config, dataset, (train, valid, test) loaders, model) of a training run's checkpoint: the dataset
+    filtered and split as in that run (its stored config and seed), the model rebuilt on this machine's device, its
+    weights not loaded yet. config_dict: evaluation-side settings on top of the stored config (e.g.
+    {'data_path': '../shared/data'} for a checkpoint trained on another machine, 'eval_batch_size', 'gpu_id').
+    check_model(name, model_class) may refuse the model before any data is read."""
     checkpoint = read_checkpoint(model_file)
     config = apply_evaluation_settings(checkpoint["config"], config_dict)
     model_class = get_model(config["model"])
+    if check_model is not None:
+        check_model(config["model"], model_class)
     if config["device"].type == "cuda" and not torch.cuda.is_available():
         config["device"] = torch.device("cpu")
     init_seed(config["seed"], config["reproducibility"])
-    init_rank_logger(config)
+    init_rank_logger(config)  # this evaluation's own log file and TensorBoard folder, not the training run's
     logger = getLogger()
     logger.info(config)
     dataset = create_dataset(config)
     logger.info(dataset)
-    train_data, valid_data, test_data = data_preparation(config, dataset)
+    loaders = data_preparation(config, dataset)
     init_seed(config["seed"], config["reproducibility"])
-    model = model_class(config, train_data._dataset).to(config["device"])
+    model = model_class(config, loaders[0]._dataset).to(config["device"])
+    return checkpoint, config, dataset, loaders, model
+
+
+def load_data_and_model(model_file, config_dict=None):
+    """RecBole's `load_data_and_model`: (config, model, dataset, train_data, valid_data, test_data) of a checkpoint,
+    rebuilt as in its training run (`rebuild_from_checkpoint`) with its weights loaded after the checkpoint checks."""
+    checkpoint, config, dataset, (train_data, valid_data, test_data), model = rebuild_from_checkpoint(
+        model_file, config_dict)
     problem = checkpoint_mismatch(checkpoint, model_file, config, model, item_id_fingerprint(dataset))
     if problem:
         raise ValueError(problem)
