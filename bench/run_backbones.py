@@ -75,7 +75,7 @@ def run_one(label, overrides, dataset, seed, config_files, config_dict, out_dir)
 def build_table(out_dir, command=None):
     import numpy as np
 
-    from recbole_reason.compare import mean_std
+    from recbole_reason.compare import format_relative, mean_std
     from recbole_reason.per_user import align, load_per_user, paired_test, pool_over_seeds
 
     runs = [json.loads(line) for line in open(os.path.join(out_dir, "runs.jsonl"), encoding="utf-8")]
@@ -122,7 +122,7 @@ def build_table(out_dir, command=None):
                 a, b, users = align(model_values, control_values, metric)
                 test = paired_test(a, b, alternative="greater")
                 lines.append(f"| {dataset} | {label} | {control} | {metric} | {test['n']} | {test['mean_diff']:+.4f} | "
-                             f"{test['rel_diff']:+.1%} | {test['wilcoxon_p']:.3g} | {test['ttest_p']:.3g} | "
+                             f"{format_relative(test['rel_diff'])} | {test['wilcoxon_p']:.3g} | {test['ttest_p']:.3g} | "
                              f"[{test['ci_low']:+.4f}, {test['ci_high']:+.4f}] |")
     path = os.path.join(out_dir, "backbones.md")
     with open(path, "w", encoding="utf-8") as handle:

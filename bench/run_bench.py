@@ -177,9 +177,9 @@ def user_paired_cell(runs, base_runs, results_dir, metric="ndcg@10"):
     test = paired_over_seeds(load(runs), load(base_runs), metric)
     if test is None:
         return "–"
-    from recbole_reason.compare import format_p
+    from recbole_reason.compare import format_p, format_relative
 
-    return f"{100 * test['rel_diff']:+.1f}% ({format_p(test['wilcoxon_p'])}, {format_p(test['ttest_p'])}; {test['n']} users)"
+    return f"{format_relative(test['rel_diff'])} ({format_p(test['wilcoxon_p'])}, {format_p(test['ttest_p'])}; {test['n']} users)"
 
 
 def summarize(records, header, results_dir=None):

@@ -41,11 +41,13 @@ WEIGHT_SETTINGS = (
     "d_model", "n_enc_layers", "n_dec_layers", "ffn_dim", "encoder_token_level", "logit_temperature",
     "item_feature_source", "n_pseudo_cat", "category_field",
     # R2ec's vocabulary, prompts and backbone
-    "r2ec_backbone", "r2ec_hf_path", "r2ec_text_fields", "r2ec_max_tokens_per_field", "r2ec_hist_tokens_per_item",
+    "r2ec_backbone", "r2ec_hf_path", "r2ec_hf_gguf_file", "r2ec_text_fields", "r2ec_max_tokens_per_field", "r2ec_hist_tokens_per_item",
     "r2ec_item_id_token", "r2ec_vocab_min_freq", "r2ec_vocab_max", "r2ec_use_rating_token", "r2ec_time_gap_buckets",
     "r2ec_time_gap_to_target", "r2ec_max_reason_len",
 )
-WEIGHT_SETTING_PREFIXES = ("mpq_",)  # REG4Rec's MPQ tokenizer: every setting changes the item -> tokens table
+# REG4Rec's MPQ tokenizer: every setting changes the item -> tokens table; R2ec's LoRA adapters: rank and target
+# modules shape the adapter tensors, alpha scales what they add
+WEIGHT_SETTING_PREFIXES = ("mpq_", "r2ec_lora_")
 # Settings of where and how a run executes, not of what it computes: never reported as a difference.
 RUNTIME_SETTINGS = {
     "device", "gpu_id", "use_gpu", "checkpoint_dir", "data_path", "show_progress", "state", "log_wandb",

@@ -81,6 +81,11 @@ def one_sided_paired_ttest(model_values, baseline_values, smaller_better=False):
     return float(result.pvalue)
 
 
+def format_relative(rel_diff):
+    """A relative difference in percent; "n/a" where it is undefined (the reference's mean is 0)."""
+    return "n/a" if rel_diff is None or math.isnan(rel_diff) else f"{100 * rel_diff:+.1f}%"
+
+
 def format_p(p):
     if p is None:
         return "–"
@@ -590,14 +595,14 @@ def paired_markdown(table, metrics=PAIRED_MD_METRICS):
     tests.sort(key=lambda t: (pairs.index((t["model"], t["reference"], t["kind"])), metrics.index(t["metric"])))
     if not tests:
         return []
-    lines = ["", f"**Paired tests over users** (per-user test values averaged over the seeds both ran, paired by user; "
+    lines = ["", "**Paired tests over users** (per-user test values averaged over the seeds both ran, paired by user; "
              "one-sided, H1: the model is better than the reference; scipy's Wilcoxon signed-rank and paired t over "
              "users, percentile-bootstrap 95% interval of the mean difference; last column: paired t over seed means)",
              "", "| model | against | metric | seeds | users | rel. diff | mean diff [95% CI] | Wilcoxon p | t p (users) | t p (seeds) |",
              "|---|---|---|---:|---:|---:|---|---:|---:|---:|"]
     for t in tests:
         lines.append(f"| {t['model']} | {t['reference']}{' (control)' if t['kind'] == 'control' else ''} | {t['metric']} | "
-                     f"{len(t['seeds'])} | {t['n']} | {100 * t['rel_diff']:+.1f}% | {_signed(t['mean_diff'])} "
+                     f"{len(t['seeds'])} | {t['n']} | {format_relative(t['rel_diff'])} | {_signed(t['mean_diff'])} "
                      f"[{_signed(t['ci_low'])}, {_signed(t['ci_high'])}] | {format_p(t['wilcoxon_p'])} | "
                      f"{format_p(t['ttest_p'])} | {format_p(t['seed_ttest_p'])} |")
     return lines

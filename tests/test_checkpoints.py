@@ -11,7 +11,7 @@ from recbole.utils import init_seed
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from conftest import DATA_PATH, tiny_config
-from recbole_reason.checkpoint import CheckpointMismatchError, first_non_finite, resume_state_file
+from recbole_reason.checkpoint import CheckpointMismatchError, differing_settings, first_non_finite, resume_state_file
 from recbole_reason.compat import load_checkpoint
 from recbole_reason.model import rl as rl_module
 from recbole_reason.model.sequential_recommender import lares as lares_module
@@ -125,6 +125,15 @@ def test_other_reasoning_backbone_is_refused(data, tmp_path):
     _, _, trainer = build("ReaRec", data, tmp_path)
     with pytest.raises(CheckpointMismatchError, match=r"rearec_backbone='gru4rec' \(this run: 'sasrec'\).*--rearec_backbone='gru4rec'"):
         trainer.load_model_weights(checkpoint)
+
+
+def test_llm_weight_settings_count_as_differences():
+    saved = {"r2ec_lora_r": 4, "r2ec_lora_alpha": 128, "r2ec_lora_target_modules": "all-linear",
+             "r2ec_hf_gguf_file": "a.gguf", "learning_rate": 1e-3}
+    current = {"r2ec_lora_r": 8, "r2ec_lora_alpha": 128, "r2ec_lora_target_modules": ["q_proj"],
+               "r2ec_hf_gguf_file": "b.gguf", "learning_rate": 1e-2}
+    assert [key for key, _, _ in differing_settings(saved, current)] == [
+        "r2ec_hf_gguf_file", "r2ec_lora_r", "r2ec_lora_target_modules"]  # not the learning rate
 
 
 def test_other_number_of_codebooks_is_refused(data, tmp_path):

@@ -191,3 +191,10 @@ def test_the_gpu_plan_parts_cover_every_runnable_row_once_with_the_baseline_in_e
             assert other is None or CATALOG[other]["part"] == row["part"]
     with pytest.raises(ValueError, match="unknown plan part"):
         plan_part("rearec,nope")
+
+
+def test_relative_difference_against_a_zero_reference_is_not_a_number_in_the_table():
+    from recbole_reason.compare import format_relative
+
+    assert format_relative(0.0712) == "+7.1%" and format_relative(-0.05) == "-5.0%"
+    assert format_relative(float("nan")) == "n/a" and format_relative(None) == "n/a"

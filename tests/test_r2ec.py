@@ -444,6 +444,7 @@ def test_warmup_then_recpo_end_to_end_with_checkpoint_reload(tiny_data, tmp_path
     trainer.fit(train_data, valid_data, saved=True)
     assert set(trainer.stage_results) == {"warmup", "recpo"} and trainer.recpo_steps == len(train_data)
     assert model.backbone.lm.drop.p == 0.0  # RecPO ran without dropout
+    assert trainer.reference_model is None  # RecPO has no KL term: no frozen copy (it doubles an LLM's memory)
     result = trainer.evaluate(test_data, load_best_model=True)
     assert 0 <= result["ndcg@10"] <= 1
 

@@ -173,6 +173,7 @@ class PostTrainingTrainer(ReasonTrainer):
     post_epochs_key = "rl_epochs"
     post_learning_rate_key = "rl_learning_rate"
     post_clip_grad_norm_key = None  # e.g. "rpt_clip_grad_norm"; None or a null value: RecBole's clip_grad_norm
+    uses_reference_model = True  # False: no frozen copy is made (a post-training stage without a KL term)
 
     def __init__(self, config, model):
         super().__init__(config, model)
@@ -239,13 +240,15 @@ class PostTrainingTrainer(ReasonTrainer):
         """Frozen reference copy, the subclass's set-up (or its restore from a resume state), a fresh optimizer at
         the post-training learning rate and clipping, and the stage's epoch range."""
         self.stage = self.post_stage
-        self.reference_model = copy.deepcopy(self.model).eval()
-        for parameter in self.reference_model.parameters():
-            parameter.requires_grad_(False)
+        if self.uses_reference_model:
+            self.reference_model = copy.deepcopy(self.model).eval()
+            for parameter in self.reference_model.parameters():
+                parameter.requires_grad_(False)
         if extra is None:
             self.start_post_training(train_data)
         else:
-            self.reference_model.load_state_dict(extra["reference_state_dict"])
+            if self.uses_reference_model:
+                self.reference_model.load_state_dict(extra["reference_state_dict"])
             self.resume_post_training(train_data, extra)
         self.optimizer = self._build_optimizer(learning_rate=self.post_learning_rate)
         self.clip_grad_norm = self.post_clip_grad_norm
@@ -284,7 +287,8 @@ class PostTrainingTrainer(ReasonTrainer):
     def _extra_resume_state(self):
         extra = {**super()._extra_resume_state(), "stage_results": dict(self.stage_results)}
         if self.stage == self.post_stage:
-            extra["reference_state_dict"] = self.reference_model.state_dict()
+            if self.uses_reference_model:
+                extra["reference_state_dict"] = self.reference_model.state_dict()
             extra["post_start_epoch"] = self.epochs - self.post_epochs
         return extra
 

@@ -5,7 +5,8 @@ Stage 2 `recpo` (the paper's RL, spec section 2): the best warm-up weights are r
 (the official code disables it so sampling and update see one policy), the item table is rebuilt, and every batch
 is one fully on-policy RecPO step: K rollouts per user, fused reward, group advantages, token + item losses, one
 optimizer step. The item table is fully re-encoded every `r2ec_item_refresh_steps` steps (its in-batch target rows
-are overwritten at every step by the model). No KL and no reference model: `self.reference_model` is unused.
+are overwritten at every step by the model). No KL and so no reference model: none is copied (`uses_reference_model`; a copy of a
+Hugging Face backbone would double its memory).
 The best checkpoint of either stage is saved in the one RecBole checkpoint file (`evaluate` and tuning find it).
 `recpo_epochs: 0` gives the warm-up-only variant. `recpo_clip_grad_norm` (official 1.0) clips RecPO's gradients
 (null: clip_grad_norm); with `recpo_balance_losses` the token and the item loss's gradients are first clipped each on
@@ -27,6 +28,7 @@ class R2ecTrainer(PostTrainingTrainer):
     post_epochs_key = "recpo_epochs"
     post_learning_rate_key = "recpo_learning_rate"
     post_clip_grad_norm_key = "recpo_clip_grad_norm"
+    uses_reference_model = False
     # DDP: each rank overwrites its own batch's rows of the item table; every rank keeps the rows of all ranks
     ddp_row_synced_buffers = ("item_table",)
 
