@@ -43,7 +43,8 @@ def main(argv=None):
     args, rest = parse_args(argv)
     command = "python run_compare.py " + " ".join(sys.argv[1:] if argv is None else argv)
     sys.argv = sys.argv[:1]  # the settings reach every run through config_dict (recorded), not Config's argv reader
-    from recbole_reason.compare import build_tables, cli_config_overrides, compare, normalize_models, parse_variant
+    from recbole_reason.compare import cli_config_overrides, compare, normalize_models, parse_variant
+    from recbole_reason.tables import build_tables
 
     config_dict = cli_config_overrides(rest)
 

@@ -75,7 +75,7 @@ def run_one(label, overrides, dataset, seed, config_files, config_dict, out_dir)
 def build_table(out_dir, command=None):
     import numpy as np
 
-    from recbole_reason.compare import format_relative, mean_std
+    from recbole_reason.tables import format_relative, mean_std
     from recbole_reason.per_user import align, load_per_user, paired_test, pool_over_seeds
 
     runs = [json.loads(line) for line in open(os.path.join(out_dir, "runs.jsonl"), encoding="utf-8")]

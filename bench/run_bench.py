@@ -177,14 +177,14 @@ def user_paired_cell(runs, base_runs, results_dir, metric="ndcg@10"):
     test = paired_over_seeds(load(runs), load(base_runs), metric)
     if test is None:
         return "–"
-    from recbole_reason.compare import format_p, format_relative
+    from recbole_reason.tables import format_p, format_relative
 
     return f"{format_relative(test['rel_diff'])} ({format_p(test['wilcoxon_p'])}, {format_p(test['ttest_p'])}; {test['n']} users)"
 
 
 def summarize(records, header, results_dir=None):
-    # mean ± std and the one-sided paired t-test are recbole_reason.compare's, as in run_compare.py's tables
-    from recbole_reason.compare import mean_std, one_sided_paired_ttest
+    # mean ± std and the one-sided paired t-test are recbole_reason.tables', as in run_compare.py's tables
+    from recbole_reason.tables import mean_std, one_sided_paired_ttest
 
     lines = [header, ""]
     for dataset in sorted({r["dataset"] for r in records}):

@@ -1,7 +1,7 @@
 """Paper figures with matplotlib: the reasoning-depth study and the model comparison, as PNG, PDF and SVG.
 
     depth_figure(rows, metric="ndcg@10")       # rows of depth_study: one panel per depth knob, a line per model
-    comparison_figure(summary, metric="ndcg@10")  # compare.summarize: a bar per model, error bars = std over seeds
+    comparison_figure(summary, metric="ndcg@10")  # tables.summarize: a bar per model, error bars = std over seeds
     save_figure(figure, "out/depth_study")     # -> {'png': ..., 'pdf': ..., 'svg': ...}
 
 Figures are built on `matplotlib.figure.Figure` (no pyplot, no global state, no display needed) and saved without
@@ -81,7 +81,7 @@ def depth_figure(rows, metric, title=None, columns=2):
 def comparison_figure(summary, metric=None, columns=2):
     """The comparison: one panel per dataset, a bar per model with its mean `metric` over seeds and an error bar of
     the sample std (none for a single seed); the baseline hatched, the seed count under each bar. summary:
-    compare.summarize's list of tables. metric: one of the tables' metrics (else the first one). Models that failed on
+    tables.summarize's list of tables. metric: one of the tables' metrics (else the first one). Models that failed on
     every seed have no bar."""
     known = [m for table in summary for m in table["metrics"]]
     metric = metric if metric in known else known[0]

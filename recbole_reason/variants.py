@@ -2,7 +2,7 @@
 
 A comparison can only attribute a gain to reasoning against a *control*: the same model at its own settings
 (temperature, dropout, size, training stages) with the reasoning switched off. `run_compare.py --models` and
-`bench/gpu_plan.sh` take these labels; `compare.summarize` marks each control's row and tests the model against it
+`bench/gpu_plan.sh` take these labels; `tables.summarize` marks each control's row and tests the model against it
 (per-user paired tests) as well as against the baseline.
 
 A variant is a dict:

@@ -10,19 +10,9 @@ from scipy import stats
 
 import run_compare
 from conftest import TINY_CONFIG
-from recbole_reason.compare import (
-    RUNS_FILE,
-    build_tables,
-    cli_config_overrides,
-    compare,
-    device_name,
-    format_p,
-    normalize_models,
-    one_sided_paired_ttest,
-    parse_variant,
-    smaller_is_better,
-)
 from recbole_reason.cli import parse_setting
+from recbole_reason.compare import cli_config_overrides, compare, device_name, normalize_models, parse_variant
+from recbole_reason.tables import RUNS_FILE, build_tables, format_p, one_sided_paired_ttest, smaller_is_better
 
 
 # -- the t-test direction, on hand-made numbers -------------------------------------------------------------------

@@ -9,8 +9,9 @@ from scipy import stats
 
 import run_compare
 from conftest import TINY_CONFIG
-from recbole_reason.compare import RUNS_FILE, build_tables, compare, select_on_valid
+from recbole_reason.compare import compare
 from recbole_reason.per_user import USER_ID, load_per_user, paired_over_seeds, save_per_user
+from recbole_reason.tables import RUNS_FILE, build_tables, select_on_valid
 
 
 # -- the pooled paired test against scipy, on known inputs -------------------------------------------------------
@@ -194,7 +195,7 @@ def test_the_gpu_plan_parts_cover_every_runnable_row_once_with_the_baseline_in_e
 
 
 def test_relative_difference_against_a_zero_reference_is_not_a_number_in_the_table():
-    from recbole_reason.compare import format_relative
+    from recbole_reason.tables import format_relative
 
     assert format_relative(0.0712) == "+7.1%" and format_relative(-0.05) == "-5.0%"
     assert format_relative(float("nan")) == "n/a" and format_relative(None) == "n/a"

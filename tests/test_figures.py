@@ -5,7 +5,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from recbole_reason.compare import build_tables, summarize
+from recbole_reason.tables import build_tables, summarize
 from recbole_reason.figures import comparison_figure, depth_figure, save_figure
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
