@@ -1,7 +1,7 @@
 """Paper figures with matplotlib: the reasoning-depth study and the model comparison, as PNG, PDF and SVG.
 
     depth_figure(rows, metric="ndcg@10")       # rows of depth_study: one panel per depth knob, a line per model
-    comparison_figure(summary, metric="ndcg@10")  # tables.summarize: a bar per model, error bars = std over seeds
+    comparison_figure(summary, metric="ndcg@10")  # tables.summarize: a row per model, error bars = std over seeds
     save_figure(figure, "out/depth_study")     # -> {'png': ..., 'pdf': ..., 'svg': ...}
 
 Figures are built on `matplotlib.figure.Figure` (no pyplot, no global state, no display needed) and saved without
@@ -14,9 +14,14 @@ import os
 import matplotlib
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 
 FORMATS = ("png", "pdf", "svg")
 PANEL_SIZE = (4.2, 3.2)  # inches per panel
+BAR_HEIGHT = 0.28  # inches per model row of the comparison chart
+BAR_FIGURE_WIDTH = 7.0  # inches
+PANEL_MARGIN = 1.1  # inches per comparison panel: title and x axis
+LEGEND_HEIGHT = 0.3  # inches
 TRAINED_MARKER = {"marker": "o", "markersize": 12, "markerfacecolor": "none", "markeredgewidth": 1.5}
 
 
@@ -78,31 +83,102 @@ def depth_figure(rows, metric, title=None, columns=2):
     return figure
 
 
-def comparison_figure(summary, metric=None, columns=2):
-    """The comparison: one panel per dataset, a bar per model with its mean `metric` over seeds and an error bar of
-    the sample std (none for a single seed); the baseline hatched, the seed count under each bar. summary:
-    tables.summarize's list of tables. metric: one of the tables' metrics (else the first one). Models that failed on
-    every seed have no bar."""
+def _is_control(row, labels):
+    """A control row of a model among `labels` (the chart's rows)."""
+    return row.get("control_of") in labels and row["control_of"] != row["label"]
+
+
+def _bar_order(rows):
+    """The rows in table order, each model's controls right below it (a control of a control below that one)."""
+    labels = {row["label"] for row in rows}
+    controls = {}
+    for row in rows:
+        if _is_control(row, labels):
+            controls.setdefault(row["control_of"], []).append(row)
+    ordered, seen = [], set()
+
+    def place(row):
+        if row["label"] in seen:
+            return
+        seen.add(row["label"])
+        ordered.append(row)
+        for control in controls.get(row["label"], []):
+            place(control)
+
+    for row in rows:
+        if not _is_control(row, labels):
+            place(row)
+    for row in rows:  # controls in a cycle (no model among the rows to hang them under)
+        place(row)
+    return ordered
+
+
+def _bar_colors(rows):
+    """A colour per model (tab20's dark shades, cycling), its controls in the light shade of the same colour."""
+    palette = matplotlib.colormaps["tab20"].colors
+    colors, models = {}, 0
+    for row in rows:  # in bar order: a control comes after its model
+        if _is_control(row, colors):
+            colors[row["label"]] = palette[(palette.index(colors[row["control_of"]]) // 2) * 2 + 1]
+        else:
+            colors[row["label"]] = palette[(models % 10) * 2]
+            models += 1
+    return colors
+
+
+def comparison_figure(summary, metric=None):
+    """The comparison: one panel per dataset (stacked), a horizontal bar per model with its mean `metric` over
+    seeds and an error bar of the sample std (none for a single seed), one row per model label with its seed
+    count, so the labels never overlap: the figure grows by BAR_HEIGHT per row. Each model's controls sit right
+    below it, hatched, in a lighter shade of its colour; the baseline's mean is a dashed vertical line (its label
+    in bold). summary: tables.summarize's list of tables. metric: one of the tables' metrics (else the first one).
+    Models that failed on every seed have no bar."""
     known = [m for table in summary for m in table["metrics"]]
     metric = metric if metric in known else known[0]
-    figure, axes = _grid(len(summary), columns)
-    for ax, table in zip(axes, summary):
-        rows = [row for row in table["rows"] if metric in row["metrics"]]
+    panels = [[row for row in table["rows"] if metric in row["metrics"]] for table in summary]
+    n_bars = [max(len(rows), 1) for rows in panels]  # the axes' heights (constrained layout adds titles, x axes)
+    height = sum(n * BAR_HEIGHT + PANEL_MARGIN for n in n_bars) + LEGEND_HEIGHT
+    figure = Figure(figsize=(BAR_FIGURE_WIDTH, height), layout="constrained")
+    axes = figure.subplots(len(summary), 1, squeeze=False, height_ratios=n_bars)[:, 0]
+    baselines, has_control = [], False
+    for ax, table, rows in zip(axes, summary, panels):
         if not rows:
             ax.set_title(f"{table['dataset']}: no run has {metric}")
+            ax.set_axis_off()
             continue
+        ax.set_xlabel(f"{metric} (mean ± std over seeds)")
+        rows = _bar_order(rows)
+        colors = _bar_colors(rows)
         means = [row["metrics"][metric]["mean"] for row in rows]
         stds = [row["metrics"][metric]["std"] for row in rows]
         stds = [0.0 if std is None or (isinstance(std, float) and math.isnan(std)) else std for std in stds]
-        bars = ax.bar(range(len(rows)), means, yerr=stds, capsize=4, color=[f"C{i % 10}" for i in range(len(rows))],
-                      edgecolor="black", linewidth=0.6)
+        bars = ax.barh(range(len(rows)), means, xerr=stds, capsize=3, height=0.7,
+                       color=[colors[row["label"]] for row in rows], edgecolor="black", linewidth=0.6,
+                       error_kw={"elinewidth": 1, "ecolor": "black"})
         for bar, row in zip(bars, rows):
-            if row["baseline"]:
+            if _is_control(row, colors):
                 bar.set_hatch("//")
-        ax.set_xticks(range(len(rows)), [f"{row['label']}\n(n={row['metrics'][metric]['n']})" for row in rows],
-                      rotation=30, ha="right", fontsize=8)
+                has_control = True
+        ax.set_yticks(range(len(rows)), [f"{row['label']}  (n={row['metrics'][metric]['n']})" for row in rows],
+                      fontsize=8)
+        for tick, row in zip(ax.get_yticklabels(), rows):
+            if row["baseline"]:
+                tick.set_fontweight("bold")
+        ax.set_ylim(len(rows) - 0.5, -0.5)  # the first row on top, as in the table
+        baseline = [row for row in rows if row["baseline"]]
+        if baseline:
+            ax.axvline(baseline[0]["metrics"][metric]["mean"], color="black", linestyle="--", linewidth=1, zorder=3)
+            baselines.append(baseline[0]["label"])
         ax.set_title(f"{table['dataset']} ({table['split']})")
-        ax.grid(True, axis="y", alpha=0.3)
-    for ax in axes[::min(columns, len(axes))]:
-        ax.set_ylabel(f"{metric} (mean ± std over seeds)")
+        ax.grid(True, axis="x", alpha=0.3)
+        ax.set_axisbelow(True)
+    handles = []
+    if baselines:
+        handles.append(Line2D([], [], color="black", linestyle="--", linewidth=1,
+                              label=f"{' / '.join(dict.fromkeys(baselines))} mean (baseline)"))
+    if has_control:
+        handles.append(Patch(facecolor="white", edgecolor="black", hatch="//", linewidth=0.6,
+                             label="control of the model above (a lighter shade of its colour)"))
+    if handles:
+        figure.legend(handles=handles, loc="outside lower center", ncols=len(handles), frameon=False, fontsize=8)
     return figure

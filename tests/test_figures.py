@@ -3,10 +3,11 @@ SVG, reproducible byte for byte, with the numbers they are drawn from."""
 
 import xml.etree.ElementTree as ET
 
+import matplotlib
 import pytest
 
+from recbole_reason.figures import BAR_HEIGHT, comparison_figure, depth_figure, save_figure
 from recbole_reason.tables import build_tables, summarize
-from recbole_reason.figures import comparison_figure, depth_figure, save_figure
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -67,17 +68,58 @@ def test_comparison_bars_are_the_means_with_std_error_bars(tmp_path):
     figure = comparison_figure(summary, "ndcg@10")
     ax = figure.axes[0]
     bars = ax.patches
-    assert [round(bar.get_height(), 6) for bar in bars] == [0.11, 0.13]  # LARES failed: no bar
-    assert bars[0].get_hatch() == "//" and not bars[1].get_hatch()  # the baseline is hatched
+    assert [round(bar.get_width(), 6) for bar in bars] == [0.11, 0.13]  # horizontal bars; LARES failed: no bar
+    assert not any(bar.get_hatch() for bar in bars)  # no control among these rows
     from matplotlib.container import ErrorbarContainer
 
     (errors,) = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
     error_bars = errors.lines[2][0].get_segments()
-    half_lengths = [round((segment[1][1] - segment[0][1]) / 2, 6) for segment in error_bars]
+    half_lengths = [round((segment[1][0] - segment[0][0]) / 2, 6) for segment in error_bars]
     assert half_lengths == [0.01, 0.01]  # sample std over the three seeds
-    assert [tick.get_text() for tick in ax.get_xticklabels()] == ["SASRec\n(n=3)", "ReaRec\n(n=3)"]
-    assert "ndcg@10" in ax.get_ylabel()
-    assert comparison_figure(summary, "not-a-metric").axes[0].get_ylabel().startswith("recall@10")  # falls back
+    assert [tick.get_text() for tick in ax.get_yticklabels()] == ["SASRec  (n=3)", "ReaRec  (n=3)"]  # one row each
+    assert ax.get_yticklabels()[0].get_fontweight() == "bold"  # the baseline's label
+    (reference,) = [line for line in ax.lines if line.get_linestyle() == "--"]
+    assert list(reference.get_xdata()) == pytest.approx([0.11, 0.11])  # the baseline's mean, a vertical line
+    assert "ndcg@10" in ax.get_xlabel()
+    assert comparison_figure(summary, "not-a-metric").axes[0].get_xlabel().startswith("recall@10")  # falls back
+
+
+def _many_records(n_models):
+    """Seeds 1-3 of SASRec and n_models models, each with its no-reasoning control (listed far below it)."""
+    records = []
+    for seed in (1, 2, 3):
+        rows = [("SASRec", None)] + [(f"Model{i}", None) for i in range(n_models)]
+        rows += [(f"Model{i}-K0", f"Model{i}") for i in range(n_models)]
+        for k, (label, control_of) in enumerate(rows):
+            records.append({"label": label, "model": label, "dataset": "ml-100k", "seed": seed,
+                            "eval_setup": {"valid_metric": "NDCG@10"}, "test": {"ndcg@10": 0.01 * (k + 1) + 0.001 * seed},
+                            **({"control_of": control_of} if control_of else {})})
+    return records
+
+
+def test_comparison_rows_stay_readable_for_many_models_with_controls_below_their_model(tmp_path):
+    small = comparison_figure(summarize(_many_records(1), baseline="SASRec"), "ndcg@10")
+    large = comparison_figure(summarize(_many_records(8), baseline="SASRec"), "ndcg@10")  # 17 rows
+    ax = large.axes[0]
+    labels = [tick.get_text().split()[0] for tick in ax.get_yticklabels()]
+    assert len(labels) == 17 and labels[:5] == ["SASRec", "Model0", "Model0-K0", "Model1", "Model1-K0"]
+    bars = dict(zip(labels, ax.patches))
+    assert bars["Model0-K0"].get_hatch() == "//" and not bars["Model0"].get_hatch()  # controls hatched
+    from matplotlib.colors import to_rgb
+
+    palette = [to_rgb(color) for color in matplotlib.colormaps["tab20"].colors]
+    model, control = (palette.index(to_rgb(bars[label].get_facecolor())) for label in ("Model3", "Model3-K0"))
+    assert control == model + 1  # the lighter shade of its model's colour
+    # the figure grows by a fixed height per row, so rows never get squeezed together
+    small_height, large_height = small.get_size_inches()[1], large.get_size_inches()[1]
+    assert large_height - small_height == pytest.approx(14 * BAR_HEIGHT)
+    files = save_figure(large, str(tmp_path / "large"), formats=("png",))
+    small_files = save_figure(small, str(tmp_path / "small"), formats=("png",))
+    assert _png_height(files["png"]) > 2 * _png_height(small_files["png"])
+
+
+def _png_height(path):
+    return int.from_bytes(open(path, "rb").read()[20:24], "big")  # IHDR: width, then height
 
 
 def test_build_tables_writes_the_comparison_figure(tmp_path):
@@ -90,6 +132,10 @@ def test_build_tables_writes_the_comparison_figure(tmp_path):
     files, _ = build_tables(str(out), baseline="SASRec")
     assert_valid_files(files)
     assert files["png"].endswith("comparison.png")
+    first = {ext: open(files[ext], "rb").read() for ext in ("png", "pdf", "svg")}
+    build_tables(str(out), baseline="SASRec")
+    for ext in ("png", "pdf", "svg"):  # a rebuild from the same runs gives the same bytes
+        assert open(files[ext], "rb").read() == first[ext]
 
 
 @pytest.mark.parametrize("ext", ["png", "pdf"])
