@@ -88,10 +88,10 @@ def main():
                 "command": command, "commit": commit, "device": "CPU, 1 torch thread", "seed": args.seed,
                 "overrides": overrides,
             }
-            if source != "cf":  # chance level: the same codes shuffled over items
-                shuffled = tokens.item2tokens.clone()
-                shuffled[1:] = shuffled[1:][torch.randperm(shuffled.size(0) - 1)]
-                row["coherence_shuffled_codes@10"] = mpq.code_coherence(shuffled, neighbours, 10)
+            # chance level for every source: the same codes shuffled over items
+            shuffled = tokens.item2tokens.clone()
+            shuffled[1:] = shuffled[1:][torch.randperm(shuffled.size(0) - 1)]
+            row["coherence_shuffled_codes@10"] = mpq.code_coherence(shuffled, neighbours, 10)
             print(json.dumps(row), flush=True)
             rows.append(row)
             with open(jsonl, "a") as f:
