@@ -12,6 +12,21 @@ from recbole.model.layers import TransformerEncoder
 MASKED = -10000.0  # RecBole's additive mask value: keeps fully-masked (padding) rows finite
 
 
+def transformer_encoder_settings(model, n_layers=None):
+    """RecBole's `TransformerEncoder` arguments from a model's SASRec-style attributes (its own `n_layers` unless
+    another depth is given), for every encoder built on those settings."""
+    return dict(
+        n_layers=model.n_layers if n_layers is None else n_layers,
+        n_heads=model.n_heads,
+        hidden_size=model.hidden_size,
+        inner_size=model.inner_size,
+        hidden_dropout_prob=model.hidden_dropout_prob,
+        attn_dropout_prob=model.attn_dropout_prob,
+        hidden_act=model.hidden_act,
+        layer_norm_eps=model.layer_norm_eps,
+    )
+
+
 def causal_attention_bias(key_is_valid, n_queries):
     """Additive bias [B, 1, Q, S] for the last `n_queries` of S positions: query i (at absolute position
     S - Q + i) may attend to key j iff j <= its position and key j is valid (not padding)."""

@@ -33,7 +33,9 @@ from recbole.model.sequential_recommender.gru4rec import GRU4Rec
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from recbole_reason.model.layers import CachedTransformerEncoder, causal_attention_bias, prefix_attention_bias
+from recbole_reason.model.layers import (
+    CachedTransformerEncoder, causal_attention_bias, prefix_attention_bias, transformer_encoder_settings,
+)
 
 
 class SASRecBackbone:
@@ -51,16 +53,7 @@ class SASRecBackbone:
 
     @staticmethod
     def _encoder(model):
-        return CachedTransformerEncoder(
-            n_layers=model.n_layers,
-            n_heads=model.n_heads,
-            hidden_size=model.hidden_size,
-            inner_size=model.inner_size,
-            hidden_dropout_prob=model.hidden_dropout_prob,
-            attn_dropout_prob=model.attn_dropout_prob,
-            hidden_act=model.hidden_act,
-            layer_norm_eps=model.layer_norm_eps,
-        )
+        return CachedTransformerEncoder(**transformer_encoder_settings(model))
 
     def init_weights(self, model, module):
         model._init_weights(module)

@@ -41,6 +41,7 @@ from recbole.model.layers import LightTransformerEncoder, TransformerEncoder
 from recbole.utils import ensure_dir
 from torch import nn
 
+from recbole_reason.model.layers import transformer_encoder_settings
 from recbole_reason.model.rl import group_advantages, kl_to_reference
 
 SAMPLING_SCHEMES = ("poisson-lognormal", "uniform", "poisson-unbounded", "poisson-bounded", "non-recurrent", "constant")
@@ -308,16 +309,7 @@ class LARES(SequentialRecommender):
         )
 
     def _encoder(self, n_layers):
-        shared = dict(
-            n_layers=n_layers,
-            n_heads=self.n_heads,
-            hidden_size=self.hidden_size,
-            inner_size=self.inner_size,
-            hidden_dropout_prob=self.hidden_dropout_prob,
-            attn_dropout_prob=self.attn_dropout_prob,
-            hidden_act=self.hidden_act,
-            layer_norm_eps=self.layer_norm_eps,
-        )
+        shared = transformer_encoder_settings(self, n_layers)
         if self.lares_encoder == "lightsans":
             encoder = LightTransformerEncoder(k_interests=self.k_interests, seq_len=self.max_seq_length, **shared)
         else:
