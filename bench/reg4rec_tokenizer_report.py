@@ -106,7 +106,8 @@ def main():
             f"| {r['dataset']} | {r['source']} | {r['items']} | {r['M']} x {r['D']} | {r['collision_rate_before']:.4f} | "
             f"{r['collision_rate_after']:.4f} | {r['coherence_cf_neighbours@10']:.4f} | "
             f"{r.get('coherence_shuffled_codes@10', float('nan')):.4f} | {', '.join(f'{u:.2f}' for u in r['code_usage'])} | "
-            f"{', '.join(f'{p:.0f}' for p in r['code_perplexity'])} | {r['build_seconds']} |")
+            f"{', '.join(f'{p:.0f}' for p in r['code_perplexity'])} | "
+            f"{'cache, ' if r['from_cache'] else ''}{r['build_seconds']} |")  # a cache hit's seconds are the load's
     with open(os.path.join(REPO, "bench", "results", f"{args.tag}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
 

@@ -119,6 +119,15 @@ def run_one(variant, dataset, seed, config_files, overrides):
             return start_post_training(data)
 
         trainer.start_post_training = evaluate_first_stage
+    valid_log = []  # (stage, valid score) of every validation, in order: the post-training stage's own epochs
+    valid_epoch = trainer._valid_epoch
+
+    def logged_valid_epoch(data, show_progress=False):
+        score, result = valid_epoch(data, show_progress=show_progress)
+        valid_log.append((getattr(trainer, "stage", "supervised"), float(score)))
+        return score, result
+
+    trainer._valid_epoch = logged_valid_epoch
     best_valid_score, best_valid = trainer.fit(train_data, valid_data, saved=True, show_progress=config["show_progress"])
     fit_seconds = time.perf_counter() - start
     with PerUserRecorder(trainer) as recorder:
@@ -136,7 +145,7 @@ def run_one(variant, dataset, seed, config_files, overrides):
               "test": {k: float(v) for k, v in test.items()},
               "best_valid": {k: float(v) for k, v in (best_valid or {}).items()},
               "fit_seconds": fit_seconds, "epochs": epochs, "seconds_per_epoch": fit_seconds / max(epochs, 1),
-              "best_epoch": max(epochs - 1 - trainer.cur_step * trainer.eval_step, 0),
+              "best_epoch": max(epochs - 1 - trainer.cur_step * trainer.eval_step, 0), "valid_log": valid_log,
               "inference_seconds_per_1000_users": 1000 * inference_seconds / max(users, 1),
               "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if config["device"].type == "cuda" else None,
               "extra": json.loads(json.dumps(extra, default=float))}
@@ -224,8 +233,48 @@ def summarize(records, header, results_dir=None):
                 + (f"{np.mean(gpu):.0f} |" if gpu else "– |")
             )
         lines.append("")
+        lines += within_run_sections(rows, results_dir)
         lines += extras_sections(rows)
     return "\n".join(lines)
+
+
+def within_run_sections(rows, results_dir):
+    """What a multi-stage run's own rows say: its post-training stage against its first stage, and each
+    inference-time ablation against the model it ablates, paired over users (one-sided, H1: the full model is better,
+    pooled over the seeds), plus each seed's valid scores per stage (`valid_log`: did post-training raise valid?)."""
+    from recbole_reason.per_user import load_per_user, paired_over_seeds
+    from recbole_reason.tables import format_p, format_relative
+
+    def load(variant):
+        return {r["seed"]: load_per_user(os.path.join(results_dir, r["per_user_file"])) for r in rows
+                if r["variant"] == variant and r.get("per_user_file")
+                and os.path.isfile(os.path.join(results_dir, r["per_user_file"]))}
+
+    pairs = list(dict.fromkeys((r["from_run_of"], r["variant"]) for r in rows if r.get("from_run_of")))
+    lines = []
+    tests = [(full, part, paired_over_seeds(load(full), load(part), "ndcg@10")) for full, part in pairs] if results_dir else []
+    tests = [t for t in tests if t[2] is not None]
+    if tests:
+        lines += ["Within each run (per-user test NDCG@10, averaged over the seeds both rows ran, paired by user; one-sided, "
+                  "H1: the first row is better):", "",
+                  "| model | against | users | rel. diff | mean diff [95% CI] | Wilcoxon p | t p |", "|---|---|---:|---:|---|---:|---:|"]
+        for full, part, t in tests:
+            lines.append(f"| {full} | {part} | {t['n']} | {format_relative(t['rel_diff'])} | {t['mean_diff']:+.4f} "
+                         f"[{t['ci_low']:+.4f}, {t['ci_high']:+.4f}] | {format_p(t['wilcoxon_p'])} | {format_p(t['ttest_p'])} |")
+        lines.append("")
+    # an inference-time row shares its run's training (and copies its valid log): one line per run
+    logged = [r for r in rows if not r.get("from_run_of") and len({stage for stage, _ in r.get("valid_log", [])}) > 1]
+    if logged:
+        lines += ["Valid score per stage (`valid_metric`; the first stage's best, then every post-training epoch):", "",
+                  "| model | seed | first stage (best) | post-training epochs | raised |", "|---|---:|---:|---|---|"]
+        for r in sorted(logged, key=lambda r: (r["variant"], r["seed"])):
+            first_stage = r["valid_log"][0][0]
+            first = max(v for stage, v in r["valid_log"] if stage == first_stage)
+            post = [v for stage, v in r["valid_log"] if stage != first_stage]
+            lines.append(f"| {r['variant']} | {r['seed']} | {first:.4f} | {', '.join(f'{v:.4f}' for v in post)} | "
+                         f"{'yes' if max(post) > first else 'no'} |")
+        lines.append("")
+    return lines
 
 
 def extras_sections(rows):

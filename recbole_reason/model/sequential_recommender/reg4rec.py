@@ -225,7 +225,7 @@ class REG4Rec(SequentialRecommender):
         if self.group_size < 2:
             raise ValueError(f"pars_group_size must be >= 2 (GRPO normalises rewards within a group), got {self.group_size}.")
         self.sample_temperature = positive("pars_temperature", 1.0, float)
-        weights = config["pars_reward_weights"] if config["pars_reward_weights"] is not None else [1.0, 1.0, 0.5, 0.0]
+        weights = config["pars_reward_weights"] if config["pars_reward_weights"] is not None else [1.0, 1.0, 0.0, 0.0]
         if len(weights) != 4 or any(float(w) < 0 for w in weights):
             raise ValueError(
                 "pars_reward_weights must be 4 non-negative weights [step_hit, global_path, category_hit, "

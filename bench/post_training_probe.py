@@ -1,0 +1,84 @@
+"""One post-training epoch (REG4Rec PARS, R2ec RecPO, LARES RPT) from a trained first-stage checkpoint, per setting:
+valid NDCG@10 before and after. A probe for choosing post-training settings on valid (issues 15 and 18).
+
+    python bench/post_training_probe.py --model REG4Rec --checkpoint_dir /tmp/benchck/reg4rec_v3_2020 --seed 2020 \
+        --label no-category --tag reg4rec_pars_probe_ml-100k_cpu --set MAX_ITEM_LIST_LENGTH=10 train_batch_size=512 \
+        pars_context_ratio=0.25 "pars_reward_weights=[1.0,1.0,0.0,0.0]"
+
+The checkpoint is the oldest `<model>-*.pth` of the folder, which must hold the first-stage model (bench/run_bench.py
+and bench/r2ec_learns.py write it at the end of the first stage and overwrite it only when post-training raises
+valid), with REG4Rec's token cache beside it. The post-training stage is entered as `PostTrainingTrainer.fit` enters
+it (frozen reference, the stage's set-up, a fresh optimizer at its learning rate and clipping), one epoch runs, and
+valid NDCG@10 is measured again. Each record names the setting, the seed, both valid scores and the epoch's
+post-training statistics (rewards, KL). Appends one JSON line to bench/results/<tag>.jsonl.
+"""
+
+import argparse
+import glob
+import json
+import os
+import sys
+import time
+
+import torch
+import yaml
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, help="a plugin model with a post-training stage: REG4Rec, R2ec, LARES")
+    parser.add_argument("--checkpoint_dir", required=True)
+    parser.add_argument("--seed", type=int, required=True)
+    parser.add_argument("--label", required=True, help="the setting's name in the results")
+    parser.add_argument("--tag", required=True)
+    parser.add_argument("--data_path", default=os.path.join(os.path.dirname(REPO), "shared", "data"))
+    parser.add_argument("--set", nargs="*", default=[], help="key=value config overrides (the run's and the probe's)")
+    args = parser.parse_args()
+    command = "python bench/post_training_probe.py " + " ".join(sys.argv[1:])
+    overrides = {k: yaml.safe_load(v) for k, v in (p.split("=", 1) for p in args.set)}
+    sys.argv = sys.argv[:1]
+    from recbole.data import data_preparation
+    from recbole.utils import ModelType, init_seed
+
+    from recbole_reason import create_dataset, get_model, get_trainer
+    from recbole_reason.compare import device_name, git_commit
+    from recbole_reason.config import Config
+
+    torch.set_num_threads(1)
+    probe_trainer = get_trainer(ModelType.SEQUENTIAL, args.model)
+    if not hasattr(probe_trainer, "post_epochs_key"):
+        parser.error(f"{args.model} has no post-training stage (its trainer is {probe_trainer.__name__})")
+    config = Config(model=args.model, dataset="ml-100k", config_file_list=[os.path.join(REPO, "bench/configs/cpu.yaml")],
+                    config_dict={probe_trainer.post_epochs_key: 1, **overrides, "seed": args.seed, "checkpoint_dir": args.checkpoint_dir,
+                                 "data_path": args.data_path, "save_resume_state": False, "state": "ERROR"})
+    init_seed(args.seed, True)
+    dataset = create_dataset(config)
+    train_data, valid_data, _ = data_preparation(config, dataset)
+    init_seed(args.seed, True)
+    model = get_model(args.model)(config, train_data._dataset)
+    trainer = probe_trainer(config, model)
+    checkpoints = sorted(glob.glob(os.path.join(args.checkpoint_dir, f"{args.model}-*.pth")), key=os.path.getmtime)
+    if not checkpoints:
+        raise FileNotFoundError(f"no REG4Rec-*.pth in {args.checkpoint_dir}: train the supervised stage first")
+    trainer.load_model_weights(checkpoints[0])
+    valid_before = float(trainer.evaluate(valid_data, load_best_model=False)["ndcg@10"])
+    trainer._enter_post_stage(train_data, start_epoch=1)
+    start = time.perf_counter()
+    trainer.model.train()
+    trainer._train_epoch(train_data, 1)
+    seconds = time.perf_counter() - start
+    valid_after = float(trainer.evaluate(valid_data, load_best_model=False)["ndcg@10"])
+    record = {"model": args.model, "label": args.label, "seed": args.seed, "overrides": overrides, "checkpoint": checkpoints[0],
+              "valid_ndcg@10_first_stage": valid_before, "valid_ndcg@10_after_post_epoch": valid_after,
+              "post_epoch_seconds": seconds, "post_stats": {k: sum(v) / len(v) for k, v in trainer._stats.items()},
+              "command": command, "commit": git_commit(), "device": device_name()}
+    print(json.dumps(record), flush=True)
+    with open(os.path.join(REPO, "bench", "results", f"{args.tag}.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+if __name__ == "__main__":
+    main()
