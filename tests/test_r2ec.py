@@ -116,6 +116,7 @@ def test_vocabulary_with_amazon_attributes_and_without_features(tiny_data, caplo
     "key, value",
     [("r2ec_group_size", 1), ("r2ec_max_reason_len", 0), ("r2ec_relabel_topk", 3), ("r2ec_sim_temperature", 0),
      ("r2ec_advantage_type", "rloo"), ("r2ec_reason_tokens", ["words"]), ("r2ec_warmup_candidates", "all"),
+     ("recpo_item_candidates", "all"),
      ("r2ec_sft_rationale", "gold"), ("r2ec_backbone", "gpt")],
 )
 def test_bad_settings_raise_clear_errors(tiny_data, key, value):
@@ -524,3 +525,21 @@ def test_content_control_on_a_checkpoint_reports_per_user_paired_differences(tmp
     assert all(test["n"] == 31 for test in record["paired"].values())  # the 31 users of the interval
     assert "| constant |" in open(result["files"]["md"]).read()
     assert (tmp_path / "c" / "reasoning_content_random.npz").is_file()
+
+
+def test_recpo_item_loss_candidates_follow_recpo_item_candidates(warmed):
+    """`recpo_item_candidates`: in_batch (default, the official code) scores the in-batch targets; catalogue (and
+    warmup, after the default catalogue warm-up) every item, as the warm-up's softmax does."""
+    _, warm, _, train_data, _ = warmed
+    batch = next(iter(train_data))[:16]
+    for source, expected in (("in_batch", torch.unique(batch["item_id"])), ("catalogue", torch.arange(1, warm.n_items)),
+                             ("warmup", torch.arange(1, warm.n_items))):
+        model = _recpo_copy(warm)
+        model.recpo_candidates = warm.warmup_candidates if source == "warmup" else source
+        model.refresh_item_table()
+        seen = []
+        encode = model.encode_items
+        model.encode_items = lambda items: seen.append(items.clone()) or encode(items)
+        (_, item_loss), _ = model.recpo_loss(batch)
+        assert torch.equal(seen[-1], expected), source
+        assert torch.isfinite(item_loss)

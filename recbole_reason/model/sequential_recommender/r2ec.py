@@ -63,6 +63,8 @@ class R2ec(SequentialRecommender):
         self.item_batch_size = config["r2ec_item_batch_size"] or 1024
         self.warmup_reasoning = config["r2ec_warmup_reasoning"] or "greedy"
         self.warmup_candidates = config["r2ec_warmup_candidates"] or "catalogue"
+        recpo_candidates = config["recpo_item_candidates"] or "in_batch"
+        self.recpo_candidates = self.warmup_candidates if recpo_candidates == "warmup" else recpo_candidates
         self.sft_rationale = config["r2ec_sft_rationale"] or "none"
         self.lm_loss_weight = config["r2ec_lm_loss_weight"]
         self.lm_positions = config["r2ec_lm_positions"]
@@ -127,6 +129,8 @@ class R2ec(SequentialRecommender):
              self.warmup_reasoning, "must be 'empty', 'greedy' or 'sampled'")
         need(self.warmup_candidates in ("in_batch", "catalogue"), "r2ec_warmup_candidates", self.warmup_candidates,
              "must be 'in_batch' or 'catalogue'")
+        need(self.recpo_candidates in ("in_batch", "catalogue"), "recpo_item_candidates", self.recpo_candidates,
+             "must be 'in_batch', 'catalogue' or 'warmup' (the warm-up's r2ec_warmup_candidates)")
         need(self.sft_rationale in RATIONALES, "r2ec_sft_rationale", self.sft_rationale, f"must be one of {list(RATIONALES)}")
         need(self.lm_loss_weight >= 0, "r2ec_lm_loss_weight", self.lm_loss_weight, "must be >= 0")
         need(self.lm_positions >= 1, "r2ec_lm_positions", self.lm_positions, "must be >= 1")
@@ -199,8 +203,11 @@ class R2ec(SequentialRecommender):
         """s(u, v) = cos(h_u, e_v) / tau."""
         return F.normalize(user_states, dim=-1) @ item_states.t() / self.sim_temperature
 
-    def _candidates(self, targets):
-        """In-batch targets (+ random negatives), unique, and the label of each user among them."""
+    def _candidates(self, targets, source="in_batch"):
+        """The candidates of an item-loss softmax and the label of each user among them: every item (`catalogue`),
+        or the in-batch targets (+ random negatives), unique (`in_batch`)."""
+        if source == "catalogue":
+            return torch.arange(1, self.n_items, device=targets.device), targets - 1
         pool = targets
         if self.num_negatives:
             pool = torch.cat([targets, torch.randint(1, self.n_items, (self.num_negatives,), device=targets.device)])
@@ -228,10 +235,7 @@ class R2ec(SequentialRecommender):
             prompt, targets, self.warmup_reasoning, self.max_reason_len, self.gen_temperature, self.gen_top_k,
             self.gen_top_p,
         )
-        if self.warmup_candidates == "catalogue":
-            candidates, labels = torch.arange(1, self.n_items, device=targets.device), targets - 1
-        else:
-            candidates, labels = self._candidates(targets)
+        candidates, labels = self._candidates(targets, self.warmup_candidates)
         rec_loss = F.cross_entropy(self.rec_head(h_u, self.encode_items(candidates)), labels)
         self._table_dirty = True
         if self.lm_loss_weight == 0:
@@ -262,9 +266,10 @@ class R2ec(SequentialRecommender):
             token_logp.view(b, k, -1), sampled.view(b, k, -1), advantages, self.eps_low, self.eps_high,
             self.code_compat,
         )
-        candidates, labels = self._candidates(targets)
+        # in_batch: the official code's in-batch InfoNCE; catalogue: the full softmax the default warm-up optimises
+        candidates, labels = self._candidates(targets, self.recpo_candidates)
         cand_states = self.encode_items(candidates)
-        with torch.no_grad():  # in-batch target rows of the reward table overwritten with their fresh encodings
+        with torch.no_grad():  # the reward table's candidate rows overwritten with their fresh encodings
             self.item_table[candidates] = cand_states.detach()
         logits = self.rec_head(h_u, cand_states).view(b, k, -1)
         item_loss = recpo_item_loss(
