@@ -62,7 +62,7 @@ def main():
     trainer = probe_trainer(config, model)
     checkpoints = sorted(glob.glob(os.path.join(args.checkpoint_dir, f"{args.model}-*.pth")), key=os.path.getmtime)
     if not checkpoints:
-        raise FileNotFoundError(f"no REG4Rec-*.pth in {args.checkpoint_dir}: train the supervised stage first")
+        raise FileNotFoundError(f"no {args.model}-*.pth in {args.checkpoint_dir}: train its first stage first")
     trainer.load_model_weights(checkpoints[0])
     valid_before = float(trainer.evaluate(valid_data, load_best_model=False)["ndcg@10"])
     trainer._enter_post_stage(train_data, start_epoch=1)

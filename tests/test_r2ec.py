@@ -527,10 +527,11 @@ def test_content_control_on_a_checkpoint_reports_per_user_paired_differences(tmp
     assert (tmp_path / "c" / "reasoning_content_random.npz").is_file()
 
 
-def test_recpo_item_loss_candidates_follow_recpo_item_candidates(warmed):
+def test_recpo_item_loss_candidates_follow_recpo_item_candidates(warmed, tiny_data):
     """`recpo_item_candidates`: in_batch (default, the official code) scores the in-batch targets; catalogue (and
     warmup, after the default catalogue warm-up) every item, as the warm-up's softmax does."""
     _, warm, _, train_data, _ = warmed
+    assert _model(tiny_data, recpo_item_candidates="warmup").recpo_candidates == warm.warmup_candidates
     batch = next(iter(train_data))[:16]
     for source, expected in (("in_batch", torch.unique(batch["item_id"])), ("catalogue", torch.arange(1, warm.n_items)),
                              ("warmup", torch.arange(1, warm.n_items))):
