@@ -40,12 +40,12 @@ def main():
     command = "python bench/post_training_probe.py " + " ".join(sys.argv[1:])
     overrides = {k: yaml.safe_load(v) for k, v in (p.split("=", 1) for p in args.set)}
     sys.argv = sys.argv[:1]
-    from recbole.data import data_preparation
     from recbole.utils import ModelType, init_seed
 
-    from recbole_reason import create_dataset, get_model, get_trainer
+    from recbole_reason import get_trainer
     from recbole_reason.compare import device_name, git_commit
     from recbole_reason.config import Config
+    from recbole_reason.quick_start import _build
 
     torch.set_num_threads(1)
     probe_trainer = get_trainer(ModelType.SEQUENTIAL, args.model)
@@ -54,12 +54,8 @@ def main():
     config = Config(model=args.model, dataset="ml-100k", config_file_list=[os.path.join(REPO, "bench/configs/cpu.yaml")],
                     config_dict={probe_trainer.post_epochs_key: 1, **overrides, "seed": args.seed, "checkpoint_dir": args.checkpoint_dir,
                                  "data_path": args.data_path, "save_resume_state": False, "state": "ERROR"})
-    init_seed(args.seed, True)
-    dataset = create_dataset(config)
-    train_data, valid_data, _ = data_preparation(config, dataset)
-    init_seed(args.seed, True)
-    model = get_model(args.model)(config, train_data._dataset)
-    trainer = probe_trainer(config, model)
+    init_seed(args.seed, config["reproducibility"])
+    _, (train_data, valid_data, _), model, trainer = _build(config)
     checkpoints = sorted(glob.glob(os.path.join(args.checkpoint_dir, f"{args.model}-*.pth")), key=os.path.getmtime)
     if not checkpoints:
         raise FileNotFoundError(f"no {args.model}-*.pth in {args.checkpoint_dir}: train its first stage first")

@@ -23,32 +23,20 @@ sys.path.insert(0, REPO)
 
 
 def run_seed(model_name, seed, overrides, out_dir):
-    from recbole.data import data_preparation
     from recbole.utils import init_seed
 
-    from recbole_reason import create_dataset, get_model, get_trainer
+    from recbole_reason.compare import log_valid_scores
     from recbole_reason.config import Config
     from recbole_reason.depth_study import content_control_results
     from recbole_reason.per_user import per_user_metrics, save_per_user
+    from recbole_reason.quick_start import _build
 
     config = Config(model=model_name, dataset="ml-100k", config_file_list=[os.path.join(REPO, "bench/configs/cpu.yaml")],
                     config_dict={**overrides.get("all", {}), **overrides.get(model_name, {}), "seed": seed,
                                  "checkpoint_dir": os.path.join(out_dir, "saved"), "save_resume_state": False})
-    init_seed(seed, True)
-    dataset = create_dataset(config)
-    train_data, valid_data, test_data = data_preparation(config, dataset)
-    init_seed(seed, True)
-    model = get_model(model_name)(config, train_data._dataset)
-    trainer = get_trainer(config["MODEL_TYPE"], model_name)(config, model)
-    valid_log = []  # (stage, valid NDCG@10) of every validation: RecPO's own epochs, not the best so far
-    valid_epoch = trainer._valid_epoch
-
-    def logged_valid_epoch(data, show_progress=False):
-        score, result = valid_epoch(data, show_progress=show_progress)
-        valid_log.append((getattr(trainer, "stage", "supervised"), float(result["ndcg@10"])))
-        return score, result
-
-    trainer._valid_epoch = logged_valid_epoch
+    init_seed(seed, config["reproducibility"])
+    _, (train_data, valid_data, test_data), model, trainer = _build(config)
+    valid_log = log_valid_scores(trainer, "ndcg@10")  # RecPO's own epochs, not the best so far
     cpu, wall = time.process_time(), time.perf_counter()
     trainer.fit(train_data, valid_data, saved=True)
     record = {"model": model_name, "seed": seed, "fit_cpu_s": time.process_time() - cpu,

@@ -30,22 +30,17 @@ def label(corp, penalty):
 
 
 def sweep_checkpoint(checkpoint_dir, seed, overrides, data_path):
-    from recbole.data import data_preparation
     from recbole.utils import init_seed
 
-    from recbole_reason import create_dataset, get_model, get_trainer
     from recbole_reason.config import Config
     from recbole_reason.per_user import per_user_metrics
+    from recbole_reason.quick_start import _build
 
     config = Config(model="REG4Rec", dataset="ml-100k", config_file_list=[os.path.join(REPO, "bench/configs/cpu.yaml")],
                     config_dict={**overrides, "seed": seed, "checkpoint_dir": checkpoint_dir, "data_path": data_path,
                                  "save_resume_state": False, "state": "ERROR"})
-    init_seed(seed, True)
-    dataset = create_dataset(config)
-    train_data, valid_data, test_data = data_preparation(config, dataset)
-    init_seed(seed, True)
-    model = get_model("REG4Rec")(config, train_data._dataset)
-    trainer = get_trainer(config["MODEL_TYPE"], "REG4Rec")(config, model)
+    init_seed(seed, config["reproducibility"])
+    _, (train_data, valid_data, test_data), model, trainer = _build(config)
     checkpoints = sorted(glob.glob(os.path.join(checkpoint_dir, "REG4Rec-*.pth")), key=os.path.getmtime)
     if not checkpoints:
         raise FileNotFoundError(f"no REG4Rec-*.pth in {checkpoint_dir}: train it first (bench/run_bench.py)")

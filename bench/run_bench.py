@@ -25,7 +25,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from recbole_reason.compare import device_name  # noqa: E402  (after the path insert)
+from recbole_reason.compare import device_name, log_valid_scores  # noqa: E402  (after the path insert)
 from recbole_reason.per_user import PerUserRecorder  # noqa: E402
 
 # name -> (RecBole/plugin model, config overrides). Baselines and plugin variants share every other setting.
@@ -119,15 +119,7 @@ def run_one(variant, dataset, seed, config_files, overrides):
             return start_post_training(data)
 
         trainer.start_post_training = evaluate_first_stage
-    valid_log = []  # (stage, valid score) of every validation, in order: the post-training stage's own epochs
-    valid_epoch = trainer._valid_epoch
-
-    def logged_valid_epoch(data, show_progress=False):
-        score, result = valid_epoch(data, show_progress=show_progress)
-        valid_log.append((getattr(trainer, "stage", "supervised"), float(score)))
-        return score, result
-
-    trainer._valid_epoch = logged_valid_epoch
+    valid_log = log_valid_scores(trainer)  # every validation: the post-training stage's own epochs too
     best_valid_score, best_valid = trainer.fit(train_data, valid_data, saved=True, show_progress=config["show_progress"])
     fit_seconds = time.perf_counter() - start
     with PerUserRecorder(trainer) as recorder:

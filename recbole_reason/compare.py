@@ -139,6 +139,23 @@ def device_name(device=None):
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 
+def log_valid_scores(trainer, metric=None):
+    """Record every validation of `trainer.fit` as (stage, score), in order, and return the (growing) list.
+    RecBole keeps only the best valid result; this keeps each one, so a table can say whether a post-training
+    stage raised valid (a PostTrainingTrainer names its stage; RecBole's own Trainer is 'supervised').
+    `metric`: a key of the valid result (e.g. 'ndcg@10'); None = the trainer's valid_metric score."""
+    log = []
+    valid_epoch = trainer._valid_epoch
+
+    def logged_valid_epoch(valid_data, show_progress=False):
+        score, result = valid_epoch(valid_data, show_progress=show_progress)
+        log.append((getattr(trainer, "stage", "supervised"), float(result[metric] if metric else score)))
+        return score, result
+
+    trainer._valid_epoch = logged_valid_epoch
+    return log
+
+
 def run_checkpoint_dir(out_dir, label, dataset, seed, setup):
     """Where one run keeps its best-model checkpoint and per-epoch resume state: its own folder (parallel runs never
     share one), found again by a later call to resume the run if it was interrupted. Under saved/ (git-ignored)."""

@@ -53,3 +53,25 @@ def test_within_run_section_pairs_each_row_with_the_run_it_came_from(tmp_path):
 def test_within_run_section_is_empty_for_single_stage_runs(tmp_path):
     run_bench = load_run_bench()
     assert run_bench.within_run_sections([{"variant": "SASRec", "seed": 2020}], str(tmp_path)) == []
+
+
+def test_log_valid_scores_keeps_every_validation_with_its_stage():
+    from recbole_reason.compare import log_valid_scores
+
+    class StagedTrainer:  # the two things log_valid_scores reads: _valid_epoch and the stage's name
+        stage = "warmup"
+        scores = iter([0.02, 0.03, 0.025])
+
+        def _valid_epoch(self, valid_data, show_progress=False):
+            score = next(self.scores)
+            return score, {"ndcg@10": score, "recall@10": 2 * score}
+
+    trainer = StagedTrainer()
+    by_score, by_recall = log_valid_scores(trainer), log_valid_scores(trainer, "recall@10")
+    trainer._valid_epoch(None)
+    trainer._valid_epoch(None)
+    trainer.stage = "recpo"
+    score, result = trainer._valid_epoch(None)
+    assert (score, result["ndcg@10"]) == (0.025, 0.025)  # the wrapped method still returns what RecBole expects
+    assert by_score == [("warmup", 0.02), ("warmup", 0.03), ("recpo", 0.025)]  # not the best so far: every one
+    assert by_recall == [("warmup", 0.04), ("warmup", 0.06), ("recpo", 0.05)]
