@@ -120,7 +120,7 @@ def main():
                      "item": ["item_id", "movie_title", "release_year", "class"]},
         "MAX_ITEM_LIST_LENGTH": args.history, "train_batch_size": args.warmup_batch, "eval_batch_size": 64,
         "r2ec_backbone": "hf", "r2ec_max_reason_len": args.reason_len, "r2ec_group_size": args.group_size,
-        "r2ec_warmup_candidates": "in_batch", "r2ec_item_batch_size": 64, "r2ec_lm_positions": 256,
+        "r2ec_warmup_candidates": "in_batch", "recpo_item_candidates": "in_batch", "r2ec_item_batch_size": 64, "r2ec_lm_positions": 256,
         "r2ec_gen_temperature": 1.0, "r2ec_gen_top_k": 50,
     }
     record = {"command": command, "device": device_name("cpu"),

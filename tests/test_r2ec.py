@@ -528,8 +528,8 @@ def test_content_control_on_a_checkpoint_reports_per_user_paired_differences(tmp
 
 
 def test_recpo_item_loss_candidates_follow_recpo_item_candidates(warmed, tiny_data):
-    """`recpo_item_candidates`: in_batch (default, the official code) scores the in-batch targets; catalogue (and
-    warmup, after the default catalogue warm-up) every item, as the warm-up's softmax does."""
+    """`recpo_item_candidates`: catalogue (default) and warmup (after the default catalogue warm-up) score every
+    item, as the warm-up's softmax does; in_batch (the official code) the in-batch targets."""
     _, warm, _, train_data, _ = warmed
     assert _model(tiny_data, recpo_item_candidates="warmup").recpo_candidates == warm.warmup_candidates
     batch = next(iter(train_data))[:16]

@@ -28,7 +28,8 @@ needs_llm = pytest.mark.skipif(not LLM_READY, reason=f"the llm extra is not inst
 
 SETTINGS = {
     "r2ec_backbone": "hf", "MAX_ITEM_LIST_LENGTH": 5, "r2ec_max_reason_len": 4, "r2ec_group_size": 2,
-    "train_batch_size": 3, "eval_batch_size": 8, "r2ec_warmup_candidates": "in_batch", "r2ec_lm_positions": 64,
+    "train_batch_size": 3, "eval_batch_size": 8, "r2ec_warmup_candidates": "in_batch", "recpo_item_candidates": "in_batch",
+    "r2ec_lm_positions": 64,
     "r2ec_item_batch_size": 32, "r2ec_gen_temperature": 1.0, "epochs": 1, "recpo_epochs": 1, "eval_step": 1,
     "learning_rate": 1e-3, "recpo_learning_rate": 1e-3,
 }

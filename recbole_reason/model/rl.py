@@ -109,7 +109,8 @@ def recpo_token_loss(logp, mask, advantages, eps_low, eps_high, code_compat=Fals
 
 
 def recpo_item_loss(logits, labels, advantages, relabel, eps_low, eps_high, code_compat=False):
-    """Advantage-weighted in-batch InfoNCE (the clipped form of the official code on p = softmax(cos/tau)[label]).
+    """Advantage-weighted item softmax (the clipped form of the official code on p = softmax(cos/tau)[label]; its
+    candidates are the in-batch targets there, every item with recpo_item_candidates: catalogue).
     logits [B, K, C], labels [B, K], advantages and relabel [B, K]. Per-trajectory: weight A_i * mask_i, divided
     by the number of relabelled trajectories. code_compat: every trajectory gets the group mean of A * mask."""
     logp = torch.log_softmax(logits, dim=-1).gather(-1, labels[..., None]).squeeze(-1)

@@ -17,7 +17,8 @@ with LoRA (`model/r2ec_llm.py`, the `[llm]` extra). Training (`R2ecTrainer`): th
 (`calculate_loss`, our addition: catalogue softmax of the item head after the model's own greedy reasoning + the
 backbone's LM loss on the evaluated format), then RecPO (`recpo_loss`, math in `model/rl.py`): K sampled reasoning
 trajectories per user, fused ranking reward, group-normalised advantages **per trajectory**, DAPO-clipped token
-surrogate and advantage-weighted in-batch InfoNCE on the relabelled (best) trajectories.
+surrogate and an advantage-weighted item softmax on the relabelled (best) trajectories, over every item
+(`recpo_item_candidates: catalogue`, ours) or the in-batch targets (`in_batch`, the official InfoNCE).
 """
 
 from logging import getLogger
@@ -63,7 +64,7 @@ class R2ec(SequentialRecommender):
         self.item_batch_size = config["r2ec_item_batch_size"] or 1024
         self.warmup_reasoning = config["r2ec_warmup_reasoning"] or "greedy"
         self.warmup_candidates = config["r2ec_warmup_candidates"] or "catalogue"
-        recpo_candidates = config["recpo_item_candidates"] or "in_batch"
+        recpo_candidates = config["recpo_item_candidates"] or "catalogue"
         self.recpo_candidates = self.warmup_candidates if recpo_candidates == "warmup" else recpo_candidates
         self.sft_rationale = config["r2ec_sft_rationale"] or "none"
         self.lm_loss_weight = config["r2ec_lm_loss_weight"]
