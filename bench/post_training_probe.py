@@ -14,7 +14,6 @@ post-training statistics (rewards, KL). Appends one JSON line to bench/results/<
 """
 
 import argparse
-import glob
 import json
 import os
 import sys
@@ -43,7 +42,7 @@ def main():
     from recbole.utils import ModelType, init_seed
 
     from recbole_reason import get_trainer
-    from recbole_reason.compare import device_name, git_commit
+    from recbole_reason.compare import device_name, git_commit, saved_checkpoints
     from recbole_reason.config import Config
     from recbole_reason.quick_start import _build
 
@@ -56,9 +55,7 @@ def main():
                                  "data_path": args.data_path, "save_resume_state": False, "state": "ERROR"})
     init_seed(args.seed, config["reproducibility"])
     _, (train_data, valid_data, _), model, trainer = _build(config)
-    checkpoints = sorted(glob.glob(os.path.join(args.checkpoint_dir, f"{args.model}-*.pth")), key=os.path.getmtime)
-    if not checkpoints:
-        raise FileNotFoundError(f"no {args.model}-*.pth in {args.checkpoint_dir}: train its first stage first")
+    checkpoints = saved_checkpoints(args.checkpoint_dir, args.model, "train its first stage first")
     trainer.load_model_weights(checkpoints[0])
     valid_before = float(trainer.evaluate(valid_data, load_best_model=False)["ndcg@10"])
     trainer._enter_post_stage(train_data, start_epoch=1)

@@ -92,10 +92,10 @@ def summarize(records, out_dir, command):
                   "constant (diff, Wilcoxon p) | random (diff, Wilcoxon p) |", "|---:|---:|---:|---|---:|---|---|"]
         for r in r2ec:
             sv, cc = r["stage_valid_ndcg@10"], r["content_control"]
-            w, p = sv.get("warmup", float("nan")), sv.get("recpo", float("nan"))
+            w, p = sv.get("warmup", float("nan")), sv.get("recpo")
             cell = lambda c: f"{cc['ndcg@10'][c]:.4f} ({cc['paired'][c]['mean_diff']:+.4f}, {cc['paired'][c]['wilcoxon_p']:.3g})"  # noqa: E731
-            raised = "– (no RecPO)" if "recpo" not in sv else ("yes" if p >= w else "no")
-            lines.append(f"| {r['seed']} | {w:.4f} | {'–' if 'recpo' not in sv else f'{p:.4f}'} | {raised} | "
+            recpo, raised = ("–", "– (no RecPO)") if p is None else (f"{p:.4f}", "yes" if p >= w else "no")
+            lines.append(f"| {r['seed']} | {w:.4f} | {recpo} | {raised} | "
                          f"{cc['ndcg@10']['generated']:.4f} | {cell('constant')} | {cell('random')} |")
         lines += ["", "Reasoning examples (first seed, greedy, test users):", ""]
         for e in r2ec[0]["reasoning_examples"]:

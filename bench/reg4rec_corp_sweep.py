@@ -10,7 +10,6 @@ on test, paired over users (per-user values averaged over the seeds). Writes ben
 """
 
 import argparse
-import glob
 import json
 import os
 import sys
@@ -32,6 +31,7 @@ def label(corp, penalty):
 def sweep_checkpoint(checkpoint_dir, seed, overrides, data_path):
     from recbole.utils import init_seed
 
+    from recbole_reason.compare import saved_checkpoints
     from recbole_reason.config import Config
     from recbole_reason.per_user import per_user_metrics
     from recbole_reason.quick_start import _build
@@ -41,9 +41,7 @@ def sweep_checkpoint(checkpoint_dir, seed, overrides, data_path):
                                  "save_resume_state": False, "state": "ERROR"})
     init_seed(seed, config["reproducibility"])
     _, (train_data, valid_data, test_data), model, trainer = _build(config)
-    checkpoints = sorted(glob.glob(os.path.join(checkpoint_dir, "REG4Rec-*.pth")), key=os.path.getmtime)
-    if not checkpoints:
-        raise FileNotFoundError(f"no REG4Rec-*.pth in {checkpoint_dir}: train it first (bench/run_bench.py)")
+    checkpoints = saved_checkpoints(checkpoint_dir, "REG4Rec", "train it first (bench/run_bench.py)")
     trainer.load_model_weights(checkpoints[-1])
     rows = {}
     for corp, penalty in SETTINGS:

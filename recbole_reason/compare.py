@@ -19,6 +19,7 @@ variants and controls: `recbole_reason.variants`.
 """
 
 import datetime
+import glob
 import hashlib
 import json
 import os
@@ -154,6 +155,14 @@ def log_valid_scores(trainer, metric=None):
 
     trainer._valid_epoch = logged_valid_epoch
     return log
+
+
+def saved_checkpoints(checkpoint_dir, model, fix):
+    """The `<model>-*.pth` checkpoints of a folder, oldest first; none: an error naming the folder and `fix`."""
+    checkpoints = sorted(glob.glob(os.path.join(checkpoint_dir, f"{model}-*.pth")), key=os.path.getmtime)
+    if not checkpoints:
+        raise FileNotFoundError(f"no {model}-*.pth in {checkpoint_dir}: {fix}")
+    return checkpoints
 
 
 def run_checkpoint_dir(out_dir, label, dataset, seed, setup):

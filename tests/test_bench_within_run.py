@@ -75,3 +75,16 @@ def test_log_valid_scores_keeps_every_validation_with_its_stage():
     assert (score, result["ndcg@10"]) == (0.025, 0.025)  # the wrapped method still returns what RecBole expects
     assert by_score == [("warmup", 0.02), ("warmup", 0.03), ("recpo", 0.025)]  # not the best so far: every one
     assert by_recall == [("warmup", 0.04), ("warmup", 0.06), ("recpo", 0.05)]
+
+
+def test_saved_checkpoints_are_oldest_first_and_none_names_the_fix(tmp_path):
+    import pytest
+
+    from recbole_reason.compare import saved_checkpoints
+
+    with pytest.raises(FileNotFoundError, match=r"no R2ec-\*\.pth in .*: train its first stage first"):
+        saved_checkpoints(str(tmp_path), "R2ec", "train its first stage first")
+    for name, mtime in (("R2ec-b.pth", 200), ("R2ec-a.pth", 300), ("SASRec-c.pth", 100)):
+        (tmp_path / name).write_bytes(b"")
+        os.utime(tmp_path / name, (mtime, mtime))
+    assert [os.path.basename(p) for p in saved_checkpoints(str(tmp_path), "R2ec", "")] == ["R2ec-b.pth", "R2ec-a.pth"]
