@@ -5,7 +5,9 @@
 Per seed: SASRec and R2ec (warm-up, then RecPO) on the same split; records CPU process seconds of each fit (the
 budget), valid NDCG@10 of R2ec's warm-up and RecPO stages, test metrics, per-user test values (paired test over
 users against SASRec, pooled over seeds), and the reasoning-content control (generated vs constant vs random
-reasoning of the same lengths) on test. Writes bench/results/<tag>.{jsonl,md} and per-user .npz files.
+reasoning of the same lengths) on test. Writes bench/results/<tag>.{jsonl,md} and per-user .npz files; checkpoints go to
+bench/results/<tag>/saved/<seed>/, so that one process per seed (same --tag) never shares a checkpoint name
+(RecBole names them by the second they were made).
 """
 
 import argparse
@@ -33,7 +35,7 @@ def run_seed(model_name, seed, overrides, out_dir):
 
     config = Config(model=model_name, dataset="ml-100k", config_file_list=[os.path.join(REPO, "bench/configs/cpu.yaml")],
                     config_dict={**overrides.get("all", {}), **overrides.get(model_name, {}), "seed": seed,
-                                 "checkpoint_dir": os.path.join(out_dir, "saved"), "save_resume_state": False})
+                                 "checkpoint_dir": os.path.join(out_dir, "saved", str(seed)), "save_resume_state": False})
     init_seed(seed, config["reproducibility"])
     _, (train_data, valid_data, test_data), model, trainer = _build(config)
     valid_log = log_valid_scores(trainer, "ndcg@10")  # RecPO's own epochs, not the best so far
