@@ -35,6 +35,8 @@ def main():
     parser.add_argument("--tag", required=True)
     parser.add_argument("--data_path", default=os.path.join(os.path.dirname(REPO), "shared", "data"))
     parser.add_argument("--set", nargs="*", default=[], help="key=value config overrides (the run's and the probe's)")
+    parser.add_argument("--eval_every", type=int, default=0,
+                        help="also measure valid NDCG@10 every this many batches inside the epoch (0: only at its end)")
     args = parser.parse_args()
     command = "python bench/post_training_probe.py " + " ".join(sys.argv[1:])
     overrides = {k: yaml.safe_load(v) for k, v in (p.split("=", 1) for p in args.set)}
@@ -60,12 +62,25 @@ def main():
     valid_before = float(trainer.evaluate(valid_data, load_best_model=False)["ndcg@10"])
     trainer._enter_post_stage(train_data, start_epoch=1)
     start = time.perf_counter()
+    trajectory, batches = [], [0]
+
+    def probed_loss(interaction):
+        # called before the batch's step, so the score is the model after `batches[0]` steps; evaluation draws no
+        # random numbers, so the epoch's updates are those of a run without probes
+        if batches[0] and batches[0] % args.eval_every == 0:
+            trajectory.append((batches[0], float(trainer.evaluate(valid_data, load_best_model=False)["ndcg@10"])))
+            trainer.model.train()
+            print("after", batches[0], "batches: valid ndcg@10", trajectory[-1][1], flush=True)
+        batches[0] += 1
+        return trainer.post_training_loss(interaction)
+
     trainer.model.train()
-    trainer._train_epoch(train_data, 1)
-    seconds = time.perf_counter() - start
+    trainer._train_epoch(train_data, 1, loss_func=probed_loss if args.eval_every else None)
+    seconds = time.perf_counter() - start  # with the probes' evaluations, if any
     valid_after = float(trainer.evaluate(valid_data, load_best_model=False)["ndcg@10"])
     record = {"model": args.model, "label": args.label, "seed": args.seed, "overrides": overrides, "checkpoint": checkpoints[0],
               "valid_ndcg@10_first_stage": valid_before, "valid_ndcg@10_after_post_epoch": valid_after,
+              "valid_ndcg@10_by_batches": trajectory,
               "post_epoch_seconds": seconds, "post_stats": {k: sum(v) / len(v) for k, v in trainer._stats.items()},
               "command": command, "commit": git_commit(), "device": device_name()}
     print(json.dumps(record), flush=True)
