@@ -10,7 +10,8 @@ and bench/r2ec_learns.py write it at the end of the first stage and overwrite it
 valid), with REG4Rec's token cache beside it. The post-training stage is entered as `PostTrainingTrainer.fit` enters
 it (frozen reference, the stage's set-up, a fresh optimizer at its learning rate and clipping), one epoch runs, and
 valid NDCG@10 is measured again. Each record names the setting, the seed, both valid scores and the epoch's
-post-training statistics (rewards, KL). Appends one JSON line to bench/results/<tag>.jsonl.
+post-training statistics (rewards, KL), and with `--eval_every N` valid NDCG@10 after every N batches of the epoch
+(its trajectory). Appends one JSON line to bench/results/<tag>.jsonl.
 """
 
 import argparse
@@ -62,16 +63,17 @@ def main():
     valid_before = float(trainer.evaluate(valid_data, load_best_model=False)["ndcg@10"])
     trainer._enter_post_stage(train_data, start_epoch=1)
     start = time.perf_counter()
-    trajectory, batches = [], [0]
+    trajectory, steps = [], 0
 
     def probed_loss(interaction):
-        # called before the batch's step, so the score is the model after `batches[0]` steps; evaluation draws no
-        # random numbers, so the epoch's updates are those of a run without probes
-        if batches[0] and batches[0] % args.eval_every == 0:
-            trajectory.append((batches[0], float(trainer.evaluate(valid_data, load_best_model=False)["ndcg@10"])))
+        # called before the batch's step, so the score is the model after `steps` steps; evaluation draws no random
+        # numbers, so the epoch's updates are those of a run without probes
+        nonlocal steps
+        if steps and steps % args.eval_every == 0:
+            trajectory.append((steps, float(trainer.evaluate(valid_data, load_best_model=False)["ndcg@10"])))
             trainer.model.train()
-            print("after", batches[0], "batches: valid ndcg@10", trajectory[-1][1], flush=True)
-        batches[0] += 1
+            print("after", steps, "batches: valid ndcg@10", trajectory[-1][1], flush=True)
+        steps += 1
         return trainer.post_training_loss(interaction)
 
     trainer.model.train()
