@@ -5,7 +5,8 @@
 Per seed: SASRec and R2ec (warm-up, then RecPO) on the same split; records CPU process seconds of each fit (the
 budget), valid NDCG@10 of R2ec's warm-up and RecPO stages, test metrics, per-user test values (paired test over
 users against SASRec, pooled over seeds), and the reasoning-content control (generated vs constant vs random
-reasoning of the same lengths) on test. Writes bench/results/<tag>.{jsonl,md} and per-user .npz files; checkpoints go to
+reasoning of the same lengths) on test. Writes bench/results/<tag>.{jsonl,md} and per-user .npz files; a reading written
+by hand after the run goes in bench/results/<tag>.reading.md, which the .md includes (so `--rebuild` keeps it); checkpoints go to
 bench/results/<tag>/saved/<seed>/, so that one process per seed (same --tag) never shares a checkpoint name
 (RecBole names them by the second they were made).
 """
@@ -59,7 +60,7 @@ def run_seed(model_name, seed, overrides, out_dir):
     return record
 
 
-def summarize(records, out_dir, command):
+def summarize(records, out_dir, command, reading=""):
     from recbole_reason.per_user import load_per_user, paired_test, pool_over_seeds
 
     from recbole_reason.compare import device_name
@@ -68,7 +69,7 @@ def summarize(records, out_dir, command):
     by = lambda m: sorted((r for r in records if r["model"] == m), key=lambda r: r["seed"])  # noqa: E731
     lines = ["## R2ec (tiny backbone) vs SASRec, ml-100k, CPU", "",
              f"- command: `{command}`", f"- device: {device_name()}", f"- commit: {records[0]['commit']}",
-             f"- seeds: {', '.join(map(str, seeds))}", "",
+             f"- seeds: {', '.join(map(str, seeds))}", "", *([reading.strip(), ""] if reading.strip() else []),
              "**CPU figures** (no GPU was lent to this task). Test split, RecBole full ranking.", "",
              "| model | seeds | NDCG@10 (mean ± std) | Recall@10 | fit CPU s (mean) | train rows |", "|---|---:|---:|---:|---:|---:|"]
     for m in ("SASRec", "R2ec"):
@@ -135,10 +136,16 @@ def main():
                     f.write(json.dumps(record, default=float) + "\n")
                 print(model, seed, record["test"]["ndcg@10"], record.get("stage_valid_ndcg@10"), flush=True)
                 records = [json.loads(line) for line in open(jsonl, encoding="utf-8")]
-                open(os.path.join(REPO, "bench", "results", f"{args.tag}.md"), "w").write(
-                    summarize(records, out_dir, records[0]["command"]))
-    records = [json.loads(line) for line in open(jsonl, encoding="utf-8")]
-    open(os.path.join(REPO, "bench", "results", f"{args.tag}.md"), "w").write(summarize(records, out_dir, records[0]["command"]))
+                write_summary(records, out_dir, args.tag)
+    write_summary([json.loads(line) for line in open(jsonl, encoding="utf-8")], out_dir, args.tag)
+
+
+def write_summary(records, out_dir, tag):
+    results = os.path.join(REPO, "bench", "results")
+    reading_path = os.path.join(results, f"{tag}.reading.md")
+    reading = open(reading_path, encoding="utf-8").read() if os.path.exists(reading_path) else ""
+    with open(os.path.join(results, f"{tag}.md"), "w", encoding="utf-8") as f:
+        f.write(summarize(records, out_dir, records[0]["command"], reading))
 
 
 if __name__ == "__main__":
