@@ -276,7 +276,6 @@ class R2ec(SequentialRecommender):
         item_loss = recpo_item_loss(
             logits, labels[:, None].expand(b, k), advantages, relabel, self.eps_low, self.eps_high, self.code_compat
         )
-        self._table_dirty = True  # evaluation re-encodes the table with the weights this step leaves
         stats = {
             "reward": rewards.mean().item(),
             "advantage_abs_mean": advantages.abs().mean().item(),  # NaN / inf here stops RecPO, naming it
