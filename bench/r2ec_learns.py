@@ -28,9 +28,9 @@ sys.path.insert(0, REPO)
 def run_seed(model_name, seed, overrides, out_dir):
     from recbole.utils import init_seed
 
-    from recbole_reason.compare import log_valid_scores
+    from recbole_reason.compare import device_name, log_valid_scores
     from recbole_reason.config import Config
-    from recbole_reason.depth_study import content_control_results
+    from recbole_reason.depth_study import content_control_results, reasoning_diversity
     from recbole_reason.per_user import per_user_metrics, save_per_user
     from recbole_reason.quick_start import _build
 
@@ -42,7 +42,7 @@ def run_seed(model_name, seed, overrides, out_dir):
     valid_log = log_valid_scores(trainer, "ndcg@10")  # RecPO's own epochs, not the best so far
     cpu, wall = time.process_time(), time.perf_counter()
     trainer.fit(train_data, valid_data, saved=True)
-    record = {"model": model_name, "seed": seed, "fit_cpu_s": time.process_time() - cpu,
+    record = {"model": model_name, "seed": seed, "device": device_name(), "fit_cpu_s": time.process_time() - cpu,
               "fit_wall_s": time.perf_counter() - wall, "train_rows": len(train_data.dataset),
               "test_users": None, "config": {k: config[k] for k in ("MAX_ITEM_LIST_LENGTH", "hidden_size", "epochs",
                                                                     "train_batch_size", "learning_rate")}}
@@ -55,51 +55,64 @@ def run_seed(model_name, seed, overrides, out_dir):
         record["stage_valid_ndcg@10"] = {stage: max(v for s, v in valid_log if s == stage) for stage, _ in valid_log}
         results, per_content, tests = content_control_results(model, trainer, test_data, "ndcg@10")
         record["content_control"] = {"ndcg@10": {c: float(r["ndcg@10"]) for c, r in results.items()}, "paired": tests}
+        record["reasoning_diversity"] = reasoning_diversity(model, test_data)
         users = [str(u) for u in test_data._dataset.field2id_token[config["USER_ID_FIELD"]][1:4]]
         record["reasoning_examples"] = model.explain(test_data._dataset, users)
     return record
 
 
-def summarize(records, out_dir, command, reading=""):
-    from recbole_reason.per_user import load_per_user, paired_test, pool_over_seeds
+def paired_line(label, r2ec_runs, r2ec_dir, base_runs, base_dir):
+    """R2ec - a baseline, per-user NDCG@10 averaged over the seeds both ran, paired over users."""
+    from recbole_reason.per_user import align, load_per_user, paired_test, pool_over_seeds
 
-    from recbole_reason.compare import device_name
+    seeds = {r["seed"] for r in r2ec_runs} & {r["seed"] for r in base_runs}
+    pool = lambda runs, d: pool_over_seeds([load_per_user(os.path.join(d, f"{r['model']}_{r['seed']}.npz"))  # noqa: E731
+                                            for r in runs if r["seed"] in seeds])
+    a, b, _ = align(pool(r2ec_runs, r2ec_dir), pool(base_runs, base_dir), "ndcg@10")
+    test = paired_test(a, b)
+    return (f"Paired over users (per-user NDCG@10 averaged over the seeds both ran), R2ec - {label}: "
+            f"mean diff {test['mean_diff']:+.4f}, one-sided Wilcoxon p = {test['wilcoxon_p']:.3g}, t-test p = "
+            f"{test['ttest_p']:.3g}, 95% CI [{test['ci_low']:+.4f}, {test['ci_high']:+.4f}], n = {test['n']}.")
 
+
+def summarize(records, out_dir, command, reading="", baselines=()):
+    """baselines: (tag, records, out_dir) of other runs of this script on the same seeds (SASRec given R2ec's CPU
+    time, R2ec with RecPO off...), each model of each shown as one more row and paired against this tag's R2ec."""
+    # records from before the device was recorded per run were summarised on the machine that ran them
+    devices = sorted({r.get("device", "CPU (x86_64, 2 cores, 1 torch threads)") for r in records})
     seeds = sorted({r["seed"] for r in records})
-    by = lambda m: sorted((r for r in records if r["model"] == m), key=lambda r: r["seed"])  # noqa: E731
+    of = lambda runs, m: sorted((r for r in runs if r["model"] == m), key=lambda r: r["seed"])  # noqa: E731
+    by = lambda m: of(records, m)  # noqa: E731
     lines = ["## R2ec (tiny backbone) vs SASRec, ml-100k, CPU", "",
-             f"- command: `{command}`", f"- device: {device_name()}", f"- commit: {records[0]['commit']}",
+             f"- command: `{command}`", f"- device: {'; '.join(devices)}", f"- commit: {records[0]['commit']}",
              f"- seeds: {', '.join(map(str, seeds))}", "", *([reading.strip(), ""] if reading.strip() else []),
              "**CPU figures** (no GPU was lent to this task). Test split, RecBole full ranking.", "",
              "| model | seeds | NDCG@10 (mean ± std) | Recall@10 | fit CPU s (mean) | train rows |", "|---|---:|---:|---:|---:|---:|"]
-    for m in ("SASRec", "R2ec"):
-        runs = by(m)
+    others = [(f"{m}, `{tag}`", of(runs, m), d) for tag, runs, d in baselines for m in ("SASRec", "R2ec") if of(runs, m)]
+    for label, runs in [("SASRec", by("SASRec")), ("R2ec", by("R2ec"))] + [o[:2] for o in others]:
         if not runs:
             continue
         nd = [r["test"]["ndcg@10"] for r in runs]
         rc = [r["test"]["recall@10"] for r in runs]
-        lines.append(f"| {m} | {len(runs)} | {np.mean(nd):.4f} ± {np.std(nd, ddof=1) if len(nd) > 1 else 0:.4f} | "
+        lines.append(f"| {label} | {len(runs)} | {np.mean(nd):.4f} ± {np.std(nd, ddof=1) if len(nd) > 1 else 0:.4f} | "
                      f"{np.mean(rc):.4f} | {np.mean([r['fit_cpu_s'] for r in runs]):.0f} | {runs[0]['train_rows']} |")
     r2ec = by("R2ec")
-    if r2ec and by("SASRec"):
-        pooled = {m: pool_over_seeds([load_per_user(os.path.join(out_dir, f"{m}_{r['seed']}.npz")) for r in by(m)
-                                      if r["seed"] in {x["seed"] for x in r2ec}]) for m in ("SASRec", "R2ec")}
-        from recbole_reason.per_user import align
-
-        a, b, _ = align(pooled["R2ec"], pooled["SASRec"], "ndcg@10")
-        test = paired_test(a, b)
-        lines += ["", f"Paired over users (per-user NDCG@10 averaged over the seeds both ran), R2ec - SASRec: "
-                  f"mean diff {test['mean_diff']:+.4f}, one-sided Wilcoxon p = {test['wilcoxon_p']:.3g}, t-test p = "
-                  f"{test['ttest_p']:.3g}, 95% CI [{test['ci_low']:+.4f}, {test['ci_high']:+.4f}], n = {test['n']}."]
-        lines += ["", "| seed | warm-up valid NDCG@10 | RecPO valid NDCG@10 | RecPO >= warm-up | test generated | "
-                  "constant (diff, Wilcoxon p) | random (diff, Wilcoxon p) |", "|---:|---:|---:|---|---:|---|---|"]
+    if r2ec:
+        for label, runs, d in ([("SASRec", by("SASRec"), out_dir)] if by("SASRec") else []) + others:
+            lines += ["", paired_line(label, r2ec, out_dir, runs, d)]
+        lines += ["", "| seed | valid NDCG@10 per epoch | warm-up valid (best) | RecPO valid (best) | RecPO >= warm-up | "
+                  "test generated | constant (diff, Wilcoxon p) | random (diff, Wilcoxon p) | "
+                  "distinct test reasonings (most common's share) |", "|---:|---|---:|---:|---|---:|---|---|---:|"]
         for r in r2ec:
             sv, cc = r["stage_valid_ndcg@10"], r["content_control"]
             w, p = sv.get("warmup", float("nan")), sv.get("recpo")
             cell = lambda c: f"{cc['ndcg@10'][c]:.4f} ({cc['paired'][c]['mean_diff']:+.4f}, {cc['paired'][c]['wilcoxon_p']:.3g})"  # noqa: E731
             recpo, raised = ("–", "– (no RecPO)") if p is None else (f"{p:.4f}", "yes" if p >= w else "no")
-            lines.append(f"| {r['seed']} | {w:.4f} | {recpo} | {raised} | "
-                         f"{cc['ndcg@10']['generated']:.4f} | {cell('constant')} | {cell('random')} |")
+            per_epoch = ", ".join(f"{stage} {v:.4f}" for stage, v in r.get("valid_log", [])) or "–"
+            diversity = r.get("reasoning_diversity")
+            distinct = f"{diversity['distinct']} ({diversity['top_share']:.2f})" if diversity else "–"
+            lines.append(f"| {r['seed']} | {per_epoch} | {w:.4f} | {recpo} | {raised} | "
+                         f"{cc['ndcg@10']['generated']:.4f} | {cell('constant')} | {cell('random')} | {distinct} |")
         lines += ["", "Reasoning examples (first seed, greedy, test users):", ""]
         for e in r2ec[0]["reasoning_examples"]:
             lines.append(f"- user {e['user']}: history (last 5) {e['history'][-5:]}; reasoning: {' '.join(e['reasoning'])}; "
@@ -116,6 +129,8 @@ def main():
     parser.add_argument("--sasrec", nargs="*", default=[], help="key=value for SASRec only")
     parser.add_argument("--r2ec", nargs="*", default=[], help="key=value for R2ec only")
     parser.add_argument("--rebuild", action="store_true")
+    parser.add_argument("--baseline_tags", nargs="*", default=[],
+                        help="other runs of this script on the same seeds, shown beside this tag and paired against its R2ec")
     args = parser.parse_args()
     command = "python bench/r2ec_learns.py " + " ".join(sys.argv[1:])
     sys.argv = sys.argv[:1]
@@ -136,16 +151,22 @@ def main():
                     f.write(json.dumps(record, default=float) + "\n")
                 print(model, seed, record["test"]["ndcg@10"], record.get("stage_valid_ndcg@10"), flush=True)
                 records = [json.loads(line) for line in open(jsonl, encoding="utf-8")]
-                write_summary(records, out_dir, args.tag)
-    write_summary([json.loads(line) for line in open(jsonl, encoding="utf-8")], out_dir, args.tag)
+                write_summary(records, out_dir, args.tag, args.baseline_tags)
+    write_summary([json.loads(line) for line in open(jsonl, encoding="utf-8")], out_dir, args.tag, args.baseline_tags)
 
 
-def write_summary(records, out_dir, tag):
+def write_summary(records, out_dir, tag, baseline_tags=()):
     results = os.path.join(REPO, "bench", "results")
+    baselines = []
+    for baseline in baseline_tags:
+        path = os.path.join(results, f"{baseline}.jsonl")
+        if not os.path.exists(path):
+            raise SystemExit(f"--baseline_tags {baseline}: {path} does not exist; run it first (e.g. with --models SASRec).")
+        baselines.append((baseline, [json.loads(line) for line in open(path, encoding="utf-8")], os.path.join(results, baseline)))
     reading_path = os.path.join(results, f"{tag}.reading.md")
     reading = open(reading_path, encoding="utf-8").read() if os.path.exists(reading_path) else ""
     with open(os.path.join(results, f"{tag}.md"), "w", encoding="utf-8") as f:
-        f.write(summarize(records, out_dir, records[0]["command"], reading))
+        f.write(summarize(records, out_dir, records[0]["command"], reading, baselines))
 
 
 if __name__ == "__main__":

@@ -131,13 +131,15 @@ def git_commit():
 
 
 def device_name(device=None):
-    """What ran the run, for the tables: the GPU's name, or the CPU with its cores and torch threads."""
+    """What ran the run, for the tables: the GPU's name, or the CPU with its cores, torch threads and the vector
+    kernels torch dispatches to (AVX2 and AVX512 round differently, so sampled rollouts can differ between machines)."""
     import torch
 
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+    return (f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch "
+            f"threads, {torch.backends.cpu.get_cpu_capability()} kernels)")
 
 
 def log_valid_scores(trainer, metric=None):

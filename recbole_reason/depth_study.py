@@ -22,6 +22,7 @@ each control, `per_user.paired_test`) say whether a gain comes from what the rea
 `reasoning_content.{md,json}` (per-user values in `reasoning_content_<content>.npz`).
 """
 
+import collections
 import json
 import math
 import os
@@ -201,6 +202,31 @@ def content_control_results(net, trainer, eval_data, metric="ndcg@10"):
         generated, other, _ = align(values["generated"], values[control], metric)
         tests[control] = paired_test(generated, other, alternative="greater")
     return results, values, tests
+
+
+def reasoning_diversity(net, eval_data):
+    """How many different reasonings R2ec writes for the users of a full-sort loader (greedy, as evaluated): a
+    policy that writes one string for everyone carries no user information in what it says, whatever its metric.
+    Returns {'users', 'distinct', 'top_share' (share of users given the most common reasoning), 'top' (its token
+    ids)}."""
+    import torch
+
+    if not hasattr(net, "set_reasoning_content"):
+        raise ValueError(f"{type(net).__name__} writes no reasoning to count; R2ec does.")
+    was_training = net.training
+    net.eval()
+    counts = collections.Counter()
+    pad = net.backbone.pad_id
+    try:
+        with torch.no_grad():
+            for batch in eval_data:
+                reasoning, _ = net._answer(net.backbone.user_prompts(batch[0].to(net.device)))
+                counts.update(tuple(int(t) for t in row if int(t) != pad) for row in reasoning.tokens.cpu())
+    finally:
+        net.train(was_training)
+    users = sum(counts.values())
+    top, top_count = counts.most_common(1)[0]
+    return {"users": users, "distinct": len(counts), "top_share": top_count / users, "top": list(top)}
 
 
 def content_control(checkpoint_file, config_dict=None, split="test", metric=None, out_dir="depth_study"):

@@ -465,6 +465,66 @@ def test_warmup_then_recpo_end_to_end_with_checkpoint_reload(tiny_data, tmp_path
     assert not explained[0]["history"][0].startswith("item ")  # titles from movie_title, not raw ids
 
 
+def test_recpo_entered_from_a_saved_warmup_repeats_the_in_fit_recpo_epoch(tiny_data, tmp_path, monkeypatch):
+    """bench/post_training_probe.py enters RecPO from a saved warm-up (load weights, evaluate, `_enter_post_stage`):
+    given the random state RecPO started from inside `fit`, it must give the same weights, so that a probe's result
+    differs from the benchmark's only by that random state (issue 18's v4 probes rose where the in-fit runs fell)."""
+    config = _config(epochs=1, recpo_epochs=1, checkpoint_dir=str(tmp_path / "saved"), train_batch_size=128,
+                     user_inter_num_interval="[20,25]", save_resume_state=False)
+    trainer_class = get_trainer(config["MODEL_TYPE"], "R2ec")
+    entered = {}
+    start = trainer_class.start_post_training
+
+    def recording_start(self, train_data):
+        entered["warmup"] = {k: v.clone() for k, v in self.model.state_dict().items()}
+        start(self, train_data)
+        entered["rng"], entered["order"] = torch.get_rng_state(), train_data.generator.get_state()
+
+    monkeypatch.setattr(trainer_class, "start_post_training", recording_start)
+    _, train_data, valid_data, _ = _prepare(config)
+    init_seed(config["seed"], config["reproducibility"])
+    in_fit = get_model("R2ec")(config, train_data._dataset)
+    trainer_class(config, in_fit).fit(train_data, valid_data, saved=True)
+    monkeypatch.setattr(trainer_class, "start_post_training", start)
+
+    _, train_data, valid_data, _ = _prepare(config)
+    probe = get_model("R2ec")(config, train_data._dataset)
+    trainer = trainer_class(config, probe)
+    probe.load_state_dict(entered["warmup"])
+    trainer.evaluate(valid_data, load_best_model=False)
+    trainer._enter_post_stage(train_data, start_epoch=1)
+    torch.set_rng_state(entered["rng"])
+    train_data.generator.set_state(entered["order"])
+    probe.train()
+    trainer._train_epoch(train_data, 1)
+    changed = [name for name, value in probe.state_dict().items() if not torch.equal(value, entered["warmup"][name])]
+    assert changed  # RecPO moved the weights ...
+    assert all(torch.equal(value, in_fit.state_dict()[name]) for name, value in probe.state_dict().items())  # ... alike
+
+
+def test_first_recpo_epoch_does_not_depend_on_how_many_follow(tiny_data, tmp_path, monkeypatch):
+    """`recpo_epochs` sets only the stage's length: its first epoch gives the same weights at 1 and at 2, so a longer
+    benchmark (issue 18's v5, 2 RecPO epochs) repeats the shorter one's first epoch on the same machine."""
+    trainer_class = get_trainer("sequential", "R2ec")
+    train_epoch, after_first = trainer_class._train_epoch, {}
+
+    def recording_epoch(self, train_data, epoch_idx, *args, **kwargs):
+        losses = train_epoch(self, train_data, epoch_idx, *args, **kwargs)
+        if self.stage == self.post_stage and epoch_idx == self.start_epoch:
+            after_first[self.post_epochs] = {k: v.clone() for k, v in self.model.state_dict().items()}
+        return losses
+
+    monkeypatch.setattr(trainer_class, "_train_epoch", recording_epoch)
+    for recpo_epochs in (1, 2):
+        config = _config(epochs=1, recpo_epochs=recpo_epochs, checkpoint_dir=str(tmp_path / str(recpo_epochs)),
+                         train_batch_size=128, user_inter_num_interval="[20,25]", save_resume_state=False)
+        _, train_data, valid_data, _ = _prepare(config)
+        init_seed(config["seed"], config["reproducibility"])
+        model = get_model("R2ec")(config, train_data._dataset)
+        trainer_class(config, model).fit(train_data, valid_data, saved=True)
+    assert all(torch.equal(value, after_first[2][name]) for name, value in after_first[1].items())
+
+
 def test_run_script_shows_the_reasoning_of_chosen_users(tmp_path):
     """`--explain_users=[...]` on the run script (here its Python twin) logs and returns R2ec's reasoning."""
     from recbole_reason import run_recbole_reason
@@ -525,6 +585,43 @@ def test_content_control_on_a_checkpoint_reports_per_user_paired_differences(tmp
     assert all(test["n"] == 31 for test in record["paired"].values())  # the 31 users of the interval
     assert "| constant |" in open(result["files"]["md"]).read()
     assert (tmp_path / "c" / "reasoning_content_random.npz").is_file()
+
+
+def test_reasoning_diversity_counts_the_distinct_greedy_reasonings(tiny_data):
+    """`reasoning_diversity`: the users, distinct reasonings and the most common one's share of a loader, as greedy
+    evaluation writes them; one string for everyone (a policy collapsed to `[ANS]`) gives 1 and 1.0."""
+    from collections import Counter
+
+    from recbole_reason.depth_study import reasoning_diversity
+    from recbole_reason.model.r2ec_backbone import Reasoning
+
+    # sampled reasoning (r2ec_eval_temperature 1), so that users differ; the same draws for both counts
+    model, valid_data = _model(tiny_data, r2ec_eval_temperature=1.0), tiny_data[3]
+    model.eval()
+    generate = model.backbone.generate
+    torch.manual_seed(0)
+    with torch.no_grad():
+        rows = [tuple(int(t) for t in row if int(t) != PAD) for batch in valid_data
+                for row in generate(model.backbone.user_prompts(batch[0]), model.max_reason_len,
+                                    model.eval_temperature, model.gen_top_k, model.gen_top_p).tokens]
+    counts = Counter(rows)
+    torch.manual_seed(0)
+    stats = reasoning_diversity(model, valid_data)
+    assert stats["users"] == len(rows) > 1 and stats["distinct"] == len(counts) > 1
+    assert stats["top_share"] == counts.most_common(1)[0][1] / len(rows)
+    assert stats["top"] == list(counts.most_common(1)[0][0]) and stats["top"][-1] == ANS
+
+    def collapsed(prompt, *args):
+        reasoning = generate(prompt, *args)
+        tokens = torch.full_like(reasoning.tokens, PAD)
+        tokens[:, 0] = ANS
+        return Reasoning(tokens, torch.zeros_like(reasoning.sampled), reasoning.answer_states)
+
+    model.backbone.generate = collapsed
+    try:
+        assert reasoning_diversity(model, valid_data) == {"users": len(rows), "distinct": 1, "top_share": 1.0, "top": [ANS]}
+    finally:
+        model.backbone.generate = generate
 
 
 def test_recpo_item_loss_candidates_follow_recpo_item_candidates(warmed, tiny_data):
