@@ -1,6 +1,8 @@
 """Issue 18's CPU check of R2ec (tiny backbone) against SASRec on ml-100k, per seed, in one process.
 
     python bench/r2ec_learns.py --seeds 2020,2021,2022 --tag r2ec_learns_ml-100k_cpu --set user_inter_num_interval=[20,40]
+    python bench/r2ec_learns.py --models R2ec --tag <control> --r2ec recpo_epochs=0 ...   # a control, then
+    python bench/r2ec_learns.py --rebuild --tag <tag> --baseline_tags <control>           # shown beside <tag>
 
 Per seed: SASRec and R2ec (warm-up, then RecPO) on the same split; records CPU process seconds of each fit (the
 budget), valid NDCG@10 of R2ec's warm-up and RecPO stages, test metrics, per-user test values (paired test over
@@ -132,6 +134,9 @@ def main():
     parser.add_argument("--baseline_tags", nargs="*", default=[],
                         help="other runs of this script on the same seeds, shown beside this tag and paired against its R2ec")
     args = parser.parse_args()
+    missing = [t for t in args.baseline_tags if not os.path.exists(os.path.join(REPO, "bench", "results", f"{t}.jsonl"))]
+    if missing:  # before hours of training, not after
+        parser.error(f"--baseline_tags {' '.join(missing)}: no bench/results/<tag>.jsonl; run them first (e.g. with --models SASRec).")
     command = "python bench/r2ec_learns.py " + " ".join(sys.argv[1:])
     sys.argv = sys.argv[:1]
     import yaml
