@@ -465,6 +465,46 @@ def test_warmup_then_recpo_end_to_end_with_checkpoint_reload(tiny_data, tmp_path
     assert not explained[0]["history"][0].startswith("item ")  # titles from movie_title, not raw ids
 
 
+@pytest.mark.parametrize("value", [1.0, -0.1])  # a non-number is the config check's (the YAML default is a float)
+def test_bad_recpo_dropout_is_a_clear_error_before_training(tiny_data, value):
+    config = _config(recpo_dropout_prob=value)
+    model = get_model("R2ec")(config, tiny_data[2]._dataset)
+    with pytest.raises(ValueError, match="recpo_dropout_prob must be a number in \\[0, 1\\)"):
+        get_trainer(config["MODEL_TYPE"], "R2ec")(config, model)
+
+
+def test_recpo_dropout_prob_keeps_dropout_in_recpo_and_evaluation_stays_deterministic(tiny_data):
+    config = _config(recpo_dropout_prob=0.2)
+    init_seed(config["seed"], config["reproducibility"])
+    model = get_model("R2ec")(config, tiny_data[2]._dataset)
+    trainer = get_trainer(config["MODEL_TYPE"], "R2ec")(config, model)
+    trainer.start_post_training(tiny_data[2])
+    blocks = [m for m in model.backbone.modules() if hasattr(m, "attn_dropout")]
+    assert model.backbone.lm.drop.p == 0.2 and blocks and all(b.attn_dropout == 0.2 for b in blocks)
+    batch = _batch(tiny_data, n=8)
+    model.train()
+    losses, _ = model.recpo_loss(batch)  # rollouts and their update both run with dropout
+    assert all(torch.isfinite(loss) for loss in losses)
+    model.eval()
+    assert torch.equal(model.full_sort_predict(batch), model.full_sort_predict(batch))  # eval(): no dropout
+
+
+def test_recpo_lr_warmup_ramps_the_rate_linearly_then_holds_it(tiny_data):
+    config = _config(recpo_lr_warmup_steps=4, recpo_learning_rate=1e-3)
+    init_seed(config["seed"], config["reproducibility"])
+    model = get_model("R2ec")(config, tiny_data[2]._dataset)
+    trainer = get_trainer(config["MODEL_TYPE"], "R2ec")(config, model)
+    trainer._enter_post_stage(tiny_data[2], start_epoch=1)
+    model.train()
+    rates = []
+    for _ in range(6):
+        trainer.post_training_loss(_batch(tiny_data, n=4))
+        rates.append(trainer.optimizer.param_groups[0]["lr"])
+    assert rates == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+    with pytest.raises(ValueError, match="recpo_lr_warmup_steps must be >= 0"):
+        get_trainer(config["MODEL_TYPE"], "R2ec")(_config(recpo_lr_warmup_steps=-1), model)
+
+
 def test_recpo_entered_from_a_saved_warmup_repeats_the_in_fit_recpo_epoch(tiny_data, tmp_path, monkeypatch):
     """bench/post_training_probe.py enters RecPO from a saved warm-up (load weights, evaluate, `_enter_post_stage`):
     given the random state RecPO started from inside `fit`, it must give the same weights, so that a probe's result

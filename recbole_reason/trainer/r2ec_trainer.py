@@ -1,8 +1,9 @@
 """R2ecTrainer: supervised warm-up (`R2ec.calculate_loss`), then RecPO (`R2ec.recpo_loss`).
 
 Stage 1 `warmup` (our addition, spec 6.3 stage A): RecBole's fit for `epochs` epochs, early stopping on valid NDCG@10.
-Stage 2 `recpo` (the paper's RL, spec section 2): the best warm-up weights are reloaded, dropout is switched off
-(the official code disables it so sampling and update see one policy), the item table is rebuilt, and every batch
+Stage 2 `recpo` (the paper's RL, spec section 2): the best warm-up weights are reloaded, dropout is set to
+`recpo_dropout_prob` (0, the official code's choice so that sampling and update see one policy; ours keeps it to
+regularise, harmless to the ratio, which is 1 in a fully on-policy step), the item table is rebuilt, and every batch
 is one fully on-policy RecPO step: K rollouts per user, fused reward, group advantages, token + item losses, one
 optimizer step. The item table is fully re-encoded every `r2ec_item_refresh_steps` steps (its in-batch target rows
 are overwritten at every step by the model). No KL and so no reference model: none is copied (`uses_reference_model`; a copy of a
@@ -37,14 +38,23 @@ class R2ecTrainer(PostTrainingTrainer):
         self.recpo_steps = 0
         # Balancing clips each loss to the stage's max norm: without one (both clip settings null) there is none.
         self.balance_losses = bool(config["recpo_balance_losses"]) and bool(self.post_clip_grad_norm)
+        self.lr_warmup_steps = int(config["recpo_lr_warmup_steps"] or 0)
+        if self.lr_warmup_steps < 0:
+            raise ValueError(f"recpo_lr_warmup_steps must be >= 0 (0 = RecPO at recpo_learning_rate from its first "
+                             f"step), got {self.lr_warmup_steps}.")
+        dropout = config["recpo_dropout_prob"]
+        self.recpo_dropout = 0.0 if dropout is None else dropout
+        if not (isinstance(self.recpo_dropout, (int, float)) and 0 <= self.recpo_dropout < 1):
+            raise ValueError(f"recpo_dropout_prob must be a number in [0, 1) (0 = the official RecPO without dropout), "
+                             f"got {dropout!r}.")
 
     def start_post_training(self, train_data):
-        self.model.set_dropout(0.0)
+        self.model.set_dropout(self.recpo_dropout)
         self.model.refresh_item_table()
         self.recpo_steps = 0
 
     def resume_post_training(self, train_data, extra):
-        self.model.set_dropout(0.0)  # the item table itself comes back with the model's buffers
+        self.model.set_dropout(self.recpo_dropout)  # the item table itself comes back with the model's buffers
 
     # Resume: besides the item table (a non-persistent buffer, kept by the resume state), the next step reads the
     # RecPO step counter (it decides when the table is re-encoded) and whether the table is stale.
@@ -72,6 +82,11 @@ class R2ecTrainer(PostTrainingTrainer):
         if self.recpo_steps and self.recpo_steps % self.model.item_refresh_steps == 0:
             self.model.refresh_item_table()
         self.recpo_steps += 1
+        if self.lr_warmup_steps:
+            # A fresh Adam's first updates are ~lr in every weight whatever the gradient's size; on a converged
+            # warm-up model they are a jolt, so RecPO's rate ramps linearly from lr / warmup_steps to lr.
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.post_learning_rate * min(1.0, self.recpo_steps / self.lr_warmup_steps)
         losses, stats = self.model.recpo_loss(interaction)
         if self.balance_losses and not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
             norms = balanced_gradients(losses, self.model.parameters(), self.post_clip_grad_norm["max_norm"])
