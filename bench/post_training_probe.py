@@ -10,9 +10,10 @@ and bench/r2ec_learns.py write it at the end of the first stage and overwrite it
 valid), with REG4Rec's token cache beside it. The post-training stage is entered as `PostTrainingTrainer.fit` enters
 it (frozen reference, the stage's set-up, a fresh optimizer at its learning rate and clipping), `--epochs` epochs
 (default 1) run, and valid NDCG@10 is measured after each. With `--test`, test NDCG@10 of the first-stage model and of
-the model fit would keep (the best on valid among the first stage and the post-training epochs) are recorded too. Each record names the setting, the seed, both valid scores and the epoch's
-post-training statistics (rewards, KL), and with `--eval_every N` valid NDCG@10 after every N batches of the epoch
-(its trajectory). Appends one JSON line to bench/results/<tag>.jsonl.
+the model fit would keep (the best on valid among the first stage and the post-training epochs) are recorded too.
+Each record names the setting, the seed, both valid scores and the last epoch's post-training statistics (rewards,
+KL), and with `--eval_every N` valid NDCG@10 after every N batches (the trajectory). Appends one JSON line to
+bench/results/<tag>.jsonl.
 """
 
 import argparse
@@ -76,6 +77,7 @@ def main():
     checkpoints = saved_checkpoints(args.checkpoint_dir, args.model, "train its first stage first")
     trainer.load_model_weights(checkpoints[0])
     valid_before = float(trainer.evaluate(valid_data, load_best_model=False)["ndcg@10"])
+    test_first_stage = float(trainer.evaluate(test_data, load_best_model=False)["ndcg@10"]) if args.test else None
     trainer._enter_post_stage(train_data, start_epoch=1)
     start = time.perf_counter()
     trajectory, steps = [], 0
@@ -93,12 +95,12 @@ def main():
         steps += 1
         return trainer.post_training_loss(interaction)
 
-    test_first_stage = float(trainer.evaluate(test_data, load_best_model=False)["ndcg@10"]) if args.test else None
     best_valid, best_state, valid_by_epoch = valid_before, None, []
+    probing = args.eval_every or args.max_batches
     for epoch in range(1, args.epochs + 1):
         trainer.model.train()
         try:
-            trainer._train_epoch(train_data, epoch, loss_func=probed_loss if args.eval_every or args.max_batches else None)
+            trainer._train_epoch(train_data, epoch, loss_func=probed_loss if probing else None)
         except BatchBudgetSpent:
             pass
         valid_by_epoch.append(float(trainer.evaluate(valid_data, load_best_model=False)["ndcg@10"]))
@@ -117,7 +119,8 @@ def main():
     if args.test:
         if best_state is not None:
             trainer.model.load_state_dict(best_state)
-        record.update({"test_ndcg@10_first_stage": test_first_stage, "selected": "post" if best_state else "first_stage",
+        record.update({"test_ndcg@10_first_stage": test_first_stage,
+                       "selected": "first_stage" if best_state is None else "post",
                        "test_ndcg@10_selected": float(trainer.evaluate(test_data, load_best_model=False)["ndcg@10"])})
     print(json.dumps(record), flush=True)
     with open(os.path.join(REPO, "bench", "results", f"{args.tag}.jsonl"), "a") as f:

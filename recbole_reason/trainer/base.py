@@ -173,6 +173,7 @@ class PostTrainingTrainer(ReasonTrainer):
     post_epochs_key = "rl_epochs"
     post_learning_rate_key = "rl_learning_rate"
     post_clip_grad_norm_key = None  # e.g. "rpt_clip_grad_norm"; None or a null value: RecBole's clip_grad_norm
+    post_lr_warmup_steps_key = None  # e.g. "recpo_lr_warmup_steps": steps over which the stage's rate ramps up; None: no ramp
     uses_reference_model = True  # False: no frozen copy is made (a post-training stage without a KL term)
 
     def __init__(self, config, model):
@@ -185,6 +186,11 @@ class PostTrainingTrainer(ReasonTrainer):
         self.post_clip_grad_norm = (
             self.clip_grad_norm if post_clip is None else parse_clip_grad_norm(self.post_clip_grad_norm_key, post_clip)
         )
+        key = self.post_lr_warmup_steps_key
+        self.post_lr_warmup_steps = int(config[key] or 0) if key else 0
+        if self.post_lr_warmup_steps < 0:
+            raise ValueError(f"{key} must be >= 0 (0 = the {self.post_stage} stage at {self.post_learning_rate_key} "
+                             f"from its first step), got {self.post_lr_warmup_steps}.")
         self.reference_model = None
         self.stage_results = {}
         self._stats = defaultdict(list)
@@ -251,12 +257,21 @@ class PostTrainingTrainer(ReasonTrainer):
                 self.reference_model.load_state_dict(extra["reference_state_dict"])
             self.resume_post_training(train_data, extra)
         self.optimizer = self._build_optimizer(learning_rate=self.post_learning_rate)
+        if self.post_lr_warmup_steps:
+            self.optimizer.register_step_pre_hook(self._ramp_learning_rate)
         self.clip_grad_norm = self.post_clip_grad_norm
         self.cur_step = 0
         self.stage_steps = 0
         self.start_epoch = start_epoch
         self.epochs = start_epoch + self.post_epochs
         self.eval_step = min(self.config["eval_step"], self.post_epochs)
+
+    def _ramp_learning_rate(self, optimizer, args, kwargs):
+        """Before each step of the stage's fresh optimizer: lr = post_lr * min(1, step / warmup_steps), step counted
+        from 1 (`stage_steps`, kept by the resume state). A fresh Adam's first updates are ~lr in every weight
+        whatever the gradient's size; on a converged first-stage model they are a jolt."""
+        for group in optimizer.param_groups:
+            group["lr"] = self.post_learning_rate * min(1.0, self.stage_steps / self.post_lr_warmup_steps)
 
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
         if self.stage == self.post_stage:

@@ -29,6 +29,7 @@ class R2ecTrainer(PostTrainingTrainer):
     post_epochs_key = "recpo_epochs"
     post_learning_rate_key = "recpo_learning_rate"
     post_clip_grad_norm_key = "recpo_clip_grad_norm"
+    post_lr_warmup_steps_key = "recpo_lr_warmup_steps"
     uses_reference_model = False
     # DDP: each rank overwrites its own batch's rows of the item table; every rank keeps the rows of all ranks
     ddp_row_synced_buffers = ("item_table",)
@@ -38,10 +39,6 @@ class R2ecTrainer(PostTrainingTrainer):
         self.recpo_steps = 0
         # Balancing clips each loss to the stage's max norm: without one (both clip settings null) there is none.
         self.balance_losses = bool(config["recpo_balance_losses"]) and bool(self.post_clip_grad_norm)
-        self.lr_warmup_steps = int(config["recpo_lr_warmup_steps"] or 0)
-        if self.lr_warmup_steps < 0:
-            raise ValueError(f"recpo_lr_warmup_steps must be >= 0 (0 = RecPO at recpo_learning_rate from its first "
-                             f"step), got {self.lr_warmup_steps}.")
         dropout = config["recpo_dropout_prob"]
         self.recpo_dropout = 0.0 if dropout is None else dropout
         if not (isinstance(self.recpo_dropout, (int, float)) and 0 <= self.recpo_dropout < 1):
@@ -82,11 +79,6 @@ class R2ecTrainer(PostTrainingTrainer):
         if self.recpo_steps and self.recpo_steps % self.model.item_refresh_steps == 0:
             self.model.refresh_item_table()
         self.recpo_steps += 1
-        if self.lr_warmup_steps:
-            # A fresh Adam's first updates are ~lr in every weight whatever the gradient's size; on a converged
-            # warm-up model they are a jolt, so RecPO's rate ramps linearly from lr / warmup_steps to lr.
-            for group in self.optimizer.param_groups:
-                group["lr"] = self.post_learning_rate * min(1.0, self.recpo_steps / self.lr_warmup_steps)
         losses, stats = self.model.recpo_loss(interaction)
         if self.balance_losses and not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
             norms = balanced_gradients(losses, self.model.parameters(), self.post_clip_grad_norm["max_norm"])
