@@ -12,7 +12,9 @@ it (frozen reference, the stage's set-up, a fresh optimizer at its learning rate
 (default 1) run, and valid NDCG@10 is measured after each. With `--test`, test NDCG@10 of the first-stage model and of
 the model fit would keep (the best on valid among the first stage and the post-training epochs) are recorded too.
 Each record names the setting, the seed, both valid scores and the last epoch's post-training statistics (rewards,
-KL), and with `--eval_every N` valid NDCG@10 after every N batches (the trajectory). Appends one JSON line to
+KL), and with `--eval_every N` valid NDCG@10 after every N batches (the trajectory). `--loss first_stage` is the
+control: the same stage set-up and batches, but the first stage's own loss, so that a fall in valid can be put on the
+post-training objective or on the set-up (fresh optimizer, rate, clipping, dropout). Appends one JSON line to
 bench/results/<tag>.jsonl.
 """
 
@@ -48,6 +50,10 @@ def main():
                         help="also test NDCG@10 of the first stage and of the model best on valid (as fit selects)")
     parser.add_argument("--max_batches", type=int, default=0,
                         help="stop the (single) epoch after this many batches, a cheap first look (0: the whole epoch)")
+    parser.add_argument("--loss", choices=("post", "first_stage"), default="post",
+                        help="post: the post-training loss; first_stage: the control, the first stage's own loss "
+                             "(calculate_loss) under the post stage's set-up (fresh optimizer at its rate, clipping, "
+                             "dropout): does the objective or the stage's set-up move valid?")
     parser.add_argument("--eval_every", type=int, default=0,
                         help="also measure valid NDCG@10 every this many batches inside the epoch (0: only at its end)")
     args = parser.parse_args()
@@ -93,10 +99,12 @@ def main():
             trainer.model.train()
             print("after", steps, "batches: valid ndcg@10", trajectory[-1][1], flush=True)
         steps += 1
+        if args.loss == "first_stage":
+            return trainer.model.calculate_loss(interaction)
         return trainer.post_training_loss(interaction)
 
     best_valid, best_state, valid_by_epoch = valid_before, None, []
-    probing = args.eval_every or args.max_batches
+    probing = args.eval_every or args.max_batches or args.loss == "first_stage"
     for epoch in range(1, args.epochs + 1):
         trainer.model.train()
         try:
@@ -107,7 +115,8 @@ def main():
         if valid_by_epoch[-1] > best_valid:  # fit keeps the first stage's model unless post-training beats it
             best_valid, best_state = valid_by_epoch[-1], copy.deepcopy(trainer.model.state_dict())
     seconds = time.perf_counter() - start  # with the probes' evaluations, if any
-    record = {"model": args.model, "label": args.label, "seed": args.seed, "overrides": overrides, "checkpoint": checkpoints[0],
+    record = {"model": args.model, "label": args.label, "seed": args.seed, "overrides": overrides, "loss": args.loss,
+              "checkpoint": checkpoints[0],
               "valid_ndcg@10_first_stage": valid_before, "valid_ndcg@10_after_post_epoch": valid_by_epoch[0],
               "valid_ndcg@10_by_batches": trajectory,
               "post_epoch_seconds": seconds / args.epochs, "post_stats": {k: sum(v) / len(v) for k, v in trainer._stats.items()},

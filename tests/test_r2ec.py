@@ -116,7 +116,7 @@ def test_vocabulary_with_amazon_attributes_and_without_features(tiny_data, caplo
     "key, value",
     [("r2ec_group_size", 1), ("r2ec_max_reason_len", 0), ("r2ec_relabel_topk", 3), ("r2ec_sim_temperature", 0),
      ("r2ec_advantage_type", "rloo"), ("r2ec_reason_tokens", ["words"]), ("r2ec_warmup_candidates", "all"),
-     ("recpo_item_candidates", "all"),
+     ("recpo_item_candidates", "all"), ("recpo_item_trajectories", "best"),
      ("r2ec_sft_rationale", "gold"), ("r2ec_backbone", "gpt")],
 )
 def test_bad_settings_raise_clear_errors(tiny_data, key, value):
@@ -681,3 +681,35 @@ def test_recpo_item_loss_candidates_follow_recpo_item_candidates(warmed, tiny_da
         (_, item_loss), _ = model.recpo_loss(batch)
         assert torch.equal(seen[-1], expected), source
         assert torch.isfinite(item_loss)
+
+
+def test_recpo_item_trajectories_all_is_plain_ce_over_every_rollout(warmed, tiny_data):
+    """`recpo_item_trajectories: all`: the item loss's gradient is that of the mean cross-entropy over all K rollouts
+    of every user, so no rollout is chosen with the target known; `relabelled` (default) weights only the best one
+    by its advantage, and its gradient differs. `all` with the official code's broadcast is a clear error."""
+    import torch.nn.functional as F
+
+    with pytest.raises(ValueError, match="recpo_item_trajectories"):
+        _model(tiny_data, recpo_item_trajectories="all", r2ec_code_compat=True)
+    _, warm, _, train_data, _ = warmed
+    batch = next(iter(train_data))[:16]
+    targets = batch["item_id"].repeat_interleave(warm.group_size) - 1  # catalogue candidates are items 1..n-1
+    grads = {}
+    for kind in ("relabelled", "all"):
+        model = _recpo_copy(warm)
+        model.item_trajectories = kind
+        model.refresh_item_table()
+        states = []
+        rec_head = model.rec_head
+        model.rec_head = lambda h, e: (states.append((h, e)) or rec_head(h, e))
+        torch.manual_seed(7)
+        (_, item_loss), _ = model.recpo_loss(batch)
+        h_u, cand = states[-1]  # the item loss's softmax (the reward's scores come first, from the no-grad table)
+        grads[kind] = torch.autograd.grad(item_loss, h_u, retain_graph=True)[0]
+        plain_ce = F.cross_entropy(rec_head(h_u, cand), targets)
+        grads[kind + " ce"] = torch.autograd.grad(plain_ce, h_u)[0]
+    assert torch.allclose(grads["all"], grads["all ce"], rtol=1e-4, atol=1e-7)
+    assert (grads["all"].abs().sum(dim=1) > 0).all()  # every rollout gets a gradient
+    assert not torch.allclose(grads["relabelled"], grads["relabelled ce"], rtol=1e-2, atol=1e-6)
+    rows_used = (grads["relabelled"].abs().sum(dim=1) > 0).view(-1, warm.group_size).sum(dim=1)
+    assert (rows_used == 1).all()  # r2ec_relabel_topk = 1: one rollout per user

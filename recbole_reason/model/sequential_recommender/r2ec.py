@@ -57,6 +57,7 @@ class R2ec(SequentialRecommender):
         self.reward_softmax_weight = config["r2ec_reward_softmax_weight"]
         self.advantage_type = config["r2ec_advantage_type"]
         self.relabel_topk = config["r2ec_relabel_topk"]
+        self.item_trajectories = config["recpo_item_trajectories"] or "relabelled"
         self.eps_low = config["r2ec_eps_low"]
         self.eps_high = config["r2ec_eps_high"]
         self.num_negatives = config["r2ec_num_negatives"] or 0
@@ -122,6 +123,10 @@ class R2ec(SequentialRecommender):
              "must be 'gaussian' or 'leave-one-out'")
         need(1 <= self.relabel_topk <= self.group_size, "r2ec_relabel_topk", self.relabel_topk,
              f"must be in [1, r2ec_group_size={self.group_size}]")
+        need(self.item_trajectories in ("relabelled", "all"), "recpo_item_trajectories", self.item_trajectories,
+             "must be 'relabelled' (A_i on the top-r2ec_relabel_topk trajectories) or 'all' (plain CE over all K)")
+        need(not (self.code_compat and self.item_trajectories == "all"), "recpo_item_trajectories",
+             self.item_trajectories, "must be 'relabelled' with r2ec_code_compat: true (the official form)")
         need(0 <= self.eps_low < 1, "r2ec_eps_low", self.eps_low, "must be in [0, 1)")
         need(self.eps_high >= 0, "r2ec_eps_high", self.eps_high, "must be >= 0")
         need(self.num_negatives >= 0, "r2ec_num_negatives", self.num_negatives, "must be >= 0")
@@ -273,8 +278,15 @@ class R2ec(SequentialRecommender):
         with torch.no_grad():  # the reward table's candidate rows overwritten with their fresh encodings
             self.item_table[candidates] = cand_states.detach()
         logits = self.rec_head(h_u, cand_states).view(b, k, -1)
+        if self.item_trajectories == "all":
+            # every rollout, weight 1: no trajectory is chosen with the target known (relabelling picks the one
+            # whose reasoning ranked the target highest, a choice greedy evaluation cannot make)
+            item_weights = item_mask = torch.ones_like(advantages)
+        else:
+            item_weights, item_mask = advantages, relabel
         item_loss = recpo_item_loss(
-            logits, labels[:, None].expand(b, k), advantages, relabel, self.eps_low, self.eps_high, self.code_compat
+            logits, labels[:, None].expand(b, k), item_weights, item_mask, self.eps_low, self.eps_high,
+            self.code_compat,
         )
         stats = {
             "reward": rewards.mean().item(),
