@@ -686,12 +686,11 @@ def test_recpo_item_loss_candidates_follow_recpo_item_candidates(warmed, tiny_da
 def test_recpo_item_trajectories_all_is_plain_ce_over_every_rollout(warmed, tiny_data):
     """`recpo_item_trajectories: all`: the item loss's gradient is that of the mean cross-entropy over all K rollouts
     of every user, so no rollout is chosen with the target known; `relabelled` (default) weights only the best one
-    by its advantage, and its gradient differs. `all` with the official code's broadcast is a clear error."""
+    by its advantage, and its gradient differs."""
     import torch.nn.functional as F
 
-    with pytest.raises(ValueError, match="recpo_item_trajectories"):
-        _model(tiny_data, recpo_item_trajectories="all", r2ec_code_compat=True)
     _, warm, _, train_data, _ = warmed
+    assert _model(tiny_data).item_trajectories == "all"  # the default (docs/r2ec.md says why)
     batch = next(iter(train_data))[:16]
     targets = batch["item_id"].repeat_interleave(warm.group_size) - 1  # catalogue candidates are items 1..n-1
     grads = {}
@@ -712,4 +711,5 @@ def test_recpo_item_trajectories_all_is_plain_ce_over_every_rollout(warmed, tiny
     assert (grads["all"].abs().sum(dim=1) > 0).all()  # every rollout gets a gradient
     assert not torch.allclose(grads["relabelled"], grads["relabelled ce"], rtol=1e-2, atol=1e-6)
     rows_used = (grads["relabelled"].abs().sum(dim=1) > 0).view(-1, warm.group_size).sum(dim=1)
-    assert (rows_used == 1).all()  # r2ec_relabel_topk = 1: one rollout per user
+    # r2ec_relabel_topk = 1: one rollout per user at most (none where a group's rollouts earn equal rewards: A = 0)
+    assert (rows_used <= 1).all() and rows_used.sum() > len(rows_used) // 2, rows_used

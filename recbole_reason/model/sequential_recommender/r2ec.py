@@ -17,8 +17,9 @@ with LoRA (`model/r2ec_llm.py`, the `[llm]` extra). Training (`R2ecTrainer`): th
 (`calculate_loss`, our addition: catalogue softmax of the item head after the model's own greedy reasoning + the
 backbone's LM loss on the evaluated format), then RecPO (`recpo_loss`, math in `model/rl.py`): K sampled reasoning
 trajectories per user, fused ranking reward, group-normalised advantages **per trajectory**, DAPO-clipped token
-surrogate and an advantage-weighted item softmax on the relabelled (best) trajectories, over every item
-(`recpo_item_candidates: catalogue`, ours) or the in-batch targets (`in_batch`, the official InfoNCE).
+surrogate and an item softmax over every item (`recpo_item_candidates: catalogue`, ours) or the in-batch targets
+(`in_batch`, the official InfoNCE), on all K rollouts (`recpo_item_trajectories: all`, ours, what the official code
+computes through its advantage broadcast) or advantage-weighted on the relabelled best ones (`relabelled`, the paper).
 """
 
 from logging import getLogger
@@ -57,7 +58,7 @@ class R2ec(SequentialRecommender):
         self.reward_softmax_weight = config["r2ec_reward_softmax_weight"]
         self.advantage_type = config["r2ec_advantage_type"]
         self.relabel_topk = config["r2ec_relabel_topk"]
-        self.item_trajectories = config["recpo_item_trajectories"] or "relabelled"
+        self.item_trajectories = config["recpo_item_trajectories"] or "all"
         self.eps_low = config["r2ec_eps_low"]
         self.eps_high = config["r2ec_eps_high"]
         self.num_negatives = config["r2ec_num_negatives"] or 0
@@ -125,8 +126,6 @@ class R2ec(SequentialRecommender):
              f"must be in [1, r2ec_group_size={self.group_size}]")
         need(self.item_trajectories in ("relabelled", "all"), "recpo_item_trajectories", self.item_trajectories,
              "must be 'relabelled' (A_i on the top-r2ec_relabel_topk trajectories) or 'all' (plain CE over all K)")
-        need(not (self.code_compat and self.item_trajectories == "all"), "recpo_item_trajectories",
-             self.item_trajectories, "must be 'relabelled' with r2ec_code_compat: true (the official form)")
         need(0 <= self.eps_low < 1, "r2ec_eps_low", self.eps_low, "must be in [0, 1)")
         need(self.eps_high >= 0, "r2ec_eps_high", self.eps_high, "must be >= 0")
         need(self.num_negatives >= 0, "r2ec_num_negatives", self.num_negatives, "must be >= 0")
@@ -278,9 +277,10 @@ class R2ec(SequentialRecommender):
         with torch.no_grad():  # the reward table's candidate rows overwritten with their fresh encodings
             self.item_table[candidates] = cand_states.detach()
         logits = self.rec_head(h_u, cand_states).view(b, k, -1)
-        if self.item_trajectories == "all":
-            # every rollout, weight 1: no trajectory is chosen with the target known (relabelling picks the one
-            # whose reasoning ranked the target highest, a choice greedy evaluation cannot make)
+        if self.item_trajectories == "all" and not self.code_compat:  # code_compat: the official broadcast form
+            # every rollout, weight 1: no rollout is chosen with the target known (relabelling picks the one whose
+            # reasoning ranked the target highest, a choice greedy evaluation cannot make; it lowered valid NDCG@10
+            # from a converged warm-up, bench/r2ec_relabel_hindsight.py and docs/r2ec.md)
             item_weights = item_mask = torch.ones_like(advantages)
         else:
             item_weights, item_mask = advantages, relabel
