@@ -4,9 +4,9 @@
         --seed 2021 --batches 4 --set MAX_ITEM_LIST_LENGTH=10 train_batch_size=512 r2ec_sim_temperature=0.1 \
         r2ec_max_reason_len=4 r2ec_gen_temperature=1.0
 
-From a saved R2ec (tiny backbone), on the first `--batches` training batches: K rollouts per user as RecPO samples
-them, their fused rewards, and the relabelled (top-1 by advantage) rollout, as `R2ec.recpo_loss` computes them. Per
-rollout kind (relabelled, the other K - 1, greedy), the share of the reasoning's attribute tokens that are attributes
+From a saved R2ec (tiny backbone), on the first `--batches` training batches: K rollouts per user, their fused
+rewards and the relabelled (top-`r2ec_relabel_topk` by advantage) rollouts, from `R2ec.recpo_rollouts` as RecPO's
+step takes them. Per rollout kind (relabelled, the other K - 1, greedy), the share of the reasoning's attribute tokens that are attributes
 of the user's target item, and how often the reasoning names the target's item token. The relabelled rollout is the
 one whose reasoning ranked the target highest; if its reasoning names the target's attributes more often than the
 others', the relabelled item loss teaches the item head to follow reasoning that was picked with the answer known,
@@ -40,7 +40,6 @@ def main():
 
     from recbole_reason.compare import device_name, git_commit, saved_checkpoints
     from recbole_reason.config import Config
-    from recbole_reason.model.rl import fused_reward, recpo_group_advantages, relabel_mask
     from recbole_reason.quick_start import _build
 
     torch.set_num_threads(1)
@@ -73,17 +72,10 @@ def main():
                 break
             targets = interaction[model.POS_ITEM_ID]
             b = len(targets)
-            prompt = model.user_prompt(interaction)
-            reasoning, _, _ = model.generate_reasoning(prompt, model.gen_temperature, model.gen_top_k, model.gen_top_p,
-                                                       group_size=k)
-            h_u, _, _ = model.forward_with_reasoning(prompt, reasoning, group_size=k)
-            scores = model.rec_head(h_u, model.item_table).masked_fill(model._history_mask(interaction, b * k),
-                                                                        float("-inf"))
-            rewards = fused_reward(scores, targets.repeat_interleave(k), min(model.reward_ndcg_k, model.n_items),
-                                   model.reward_softmax_weight).view(b, k)
-            chosen = relabel_mask(recpo_group_advantages(rewards, model.advantage_type), 1).bool()
-            share, names = target_shares(reasoning.view(b, k, -1), targets)
-            greedy_share, greedy_names = target_shares(model.generate_reasoning(prompt)[0], targets)
+            rollouts = model.recpo_rollouts(interaction)
+            chosen = rollouts.relabel.bool()
+            share, names = target_shares(rollouts.reasoning.view(b, k, -1), targets)
+            greedy_share, greedy_names = target_shares(model.generate_reasoning(rollouts.prompt)[0], targets)
             for kind, mask in (("relabelled", chosen), ("others", ~chosen)):
                 sums[f"{kind}_attr_share"] += share[mask].sum().item() / mask.sum(1)[0].item()
                 sums[f"{kind}_names_target"] += names[mask].sum().item() / mask.sum(1)[0].item()

@@ -685,7 +685,7 @@ def test_recpo_item_loss_candidates_follow_recpo_item_candidates(warmed, tiny_da
 
 def test_recpo_item_trajectories_all_is_plain_ce_over_every_rollout(warmed, tiny_data):
     """`recpo_item_trajectories: all`: the item loss's gradient is that of the mean cross-entropy over all K rollouts
-    of every user, so no rollout is chosen with the target known; `relabelled` (default) weights only the best one
+    of every user (the default), so no rollout is chosen with the target known; `relabelled` weights only the best one
     by its advantage, and its gradient differs."""
     import torch.nn.functional as F
 

@@ -23,6 +23,7 @@ computes through its advantage broadcast) or advantage-weighted on the relabelle
 """
 
 from logging import getLogger
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,18 @@ from recbole_reason.model.rl import (
 )
 
 REASONING_CONTENTS = ("generated", "constant", "random")
+
+
+class Rollouts(NamedTuple):
+    """`R2ec.recpo_rollouts`: B users x K rollouts."""
+    prompt: object
+    reasoning: torch.LongTensor  # [B * K, T]
+    sampled: torch.BoolTensor  # [B * K, T]
+    h_u: torch.Tensor  # [B * K, d]
+    token_logp: torch.Tensor  # [B * K, T]
+    rewards: torch.Tensor  # [B, K]
+    advantages: torch.Tensor  # [B, K]
+    relabel: torch.Tensor  # [B, K]
 
 
 class R2ec(SequentialRecommender):
@@ -248,8 +261,10 @@ class R2ec(SequentialRecommender):
         return rec_loss, self.lm_loss_weight * lm_loss
 
     # -- stage B: RecPO ---------------------------------------------------------------------------------------------
-    def recpo_loss(self, interaction):
-        """One RecPO step (spec section 2): returns (token loss, item loss) and scalars to log."""
+    def recpo_rollouts(self, interaction):
+        """RecPO's rollouts of a batch: K sampled reasonings per user (flattened user-major, [B * K, ...]), the states
+        at their answer markers and token log-probabilities (with gradient, when it is on), and per user [B, K] the
+        fused rewards, group advantages and relabel mask (no gradient)."""
         targets = interaction[self.POS_ITEM_ID]
         b, k = len(targets), self.group_size
         prompt = self.user_prompt(interaction)  # K rollouts per user share one prompt forward when they can
@@ -267,6 +282,13 @@ class R2ec(SequentialRecommender):
             ).view(b, k)
             advantages = recpo_group_advantages(rewards, self.advantage_type)
             relabel = relabel_mask(advantages, self.relabel_topk)
+        return Rollouts(prompt, reasoning, sampled, h_u, token_logp, rewards, advantages, relabel)
+
+    def recpo_loss(self, interaction):
+        """One RecPO step (spec section 2): returns (token loss, item loss) and scalars to log."""
+        targets = interaction[self.POS_ITEM_ID]
+        b, k = len(targets), self.group_size
+        _, reasoning, sampled, h_u, token_logp, rewards, advantages, relabel = self.recpo_rollouts(interaction)
         token_loss = recpo_token_loss(
             token_logp.view(b, k, -1), sampled.view(b, k, -1), advantages, self.eps_low, self.eps_high,
             self.code_compat,
