@@ -3,6 +3,8 @@
     python bench/r2ec_learns.py --seeds 2020,2021,2022 --tag r2ec_learns_ml-100k_cpu --set user_inter_num_interval=[20,40]
     python bench/r2ec_learns.py --models R2ec --tag <control> --r2ec recpo_epochs=0 ...   # a control, then
     python bench/r2ec_learns.py --rebuild --tag <tag> --baseline_tags <control>           # shown beside <tag>
+    python bench/r2ec_learns.py --models R2ec --first_stage_from <dir> --tag <tag> ...     # RecPO from saved warm-ups
+    python bench/r2ec_learns.py --models R2ec --first_stage_from <dir> --post_loss first_stage --tag <control> ...
 
 Per seed: SASRec and R2ec (warm-up, then RecPO) on the same split; records CPU process seconds of each fit (the
 budget), valid NDCG@10 of R2ec's warm-up and RecPO stages, test metrics, per-user test values (paired test over
@@ -11,6 +13,13 @@ reasoning of the same lengths) on test. Writes bench/results/<tag>.{jsonl,md} an
 by hand after the run goes in bench/results/<tag>.reading.md, which the .md includes (so `--rebuild` keeps it); checkpoints go to
 bench/results/<tag>/saved/<seed>/, so that one process per seed (same --tag) never shares a checkpoint name
 (RecBole names them by the second they were made).
+
+`--first_stage_from DIR`: R2ec's RecPO stage alone (`PostTrainingTrainer.fit_post_training_from`), from the warm-up
+checkpoint in DIR/<seed>/ (the oldest R2ec-*.pth: a run with recpo_epochs=0), so that RecPO and its control start from
+the same weights; fit CPU seconds are then the post stage's only. `--post_loss first_stage` is that control: the
+warm-up's own loss trained under RecPO's set-up (fresh optimizer at recpo_learning_rate, recpo_clip_grad_norm,
+recpo_dropout_prob, the same epochs and selection on valid), so that a rise of valid can be put on RecPO's objective
+rather than on more training at a lower rate.
 """
 
 import argparse
@@ -27,10 +36,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 
-def run_seed(model_name, seed, overrides, out_dir):
+def run_seed(model_name, seed, overrides, out_dir, first_stage_from=None, post_loss="post"):
     from recbole.utils import init_seed
 
-    from recbole_reason.compare import device_name, log_valid_scores
+    from recbole_reason.compare import device_name, log_valid_scores, saved_checkpoints
     from recbole_reason.config import Config
     from recbole_reason.depth_study import content_control_results, reasoning_diversity
     from recbole_reason.per_user import per_user_metrics, save_per_user
@@ -42,12 +51,23 @@ def run_seed(model_name, seed, overrides, out_dir):
     init_seed(seed, config["reproducibility"])
     _, (train_data, valid_data, test_data), model, trainer = _build(config)
     valid_log = log_valid_scores(trainer, "ndcg@10")  # RecPO's own epochs, not the best so far
+    if post_loss == "first_stage" and model_name == "R2ec":  # the control: the warm-up's loss, under the post stage's set-up
+        trainer.post_training_loss = trainer.model.calculate_loss
+    first_stage = None
+    if first_stage_from and model_name == "R2ec":
+        first_stage = saved_checkpoints(os.path.join(first_stage_from, str(seed)), model_name,
+                                        "train the warm-up first (recpo_epochs=0)")[0]
     cpu, wall = time.process_time(), time.perf_counter()
-    trainer.fit(train_data, valid_data, saved=True)
+    if first_stage:
+        trainer.fit_post_training_from(first_stage, train_data, valid_data, saved=True)
+    else:
+        trainer.fit(train_data, valid_data, saved=True)
     record = {"model": model_name, "seed": seed, "device": device_name(), "fit_cpu_s": time.process_time() - cpu,
               "fit_wall_s": time.perf_counter() - wall, "train_rows": len(train_data.dataset),
               "test_users": None, "config": {k: config[k] for k in ("MAX_ITEM_LIST_LENGTH", "hidden_size", "epochs",
                                                                     "train_batch_size", "learning_rate")}}
+    if model_name == "R2ec":
+        record.update(first_stage_from=first_stage and os.path.relpath(first_stage, REPO), post_loss=post_loss)
     result, values = per_user_metrics(trainer, test_data, load_best_model=True)
     record["test"] = {k: float(v) for k, v in result.items()}
     record["test_users"] = int(len(values["user_id"]))
@@ -131,12 +151,23 @@ def main():
     parser.add_argument("--sasrec", nargs="*", default=[], help="key=value for SASRec only")
     parser.add_argument("--r2ec", nargs="*", default=[], help="key=value for R2ec only")
     parser.add_argument("--rebuild", action="store_true")
+    parser.add_argument("--first_stage_from", default=None,
+                        help="a folder of <seed>/R2ec-*.pth warm-up checkpoints: R2ec runs its RecPO stage alone from them")
+    parser.add_argument("--post_loss", choices=("post", "first_stage"), default="post",
+                        help="first_stage: the control, the warm-up's loss under RecPO's set-up (with --first_stage_from)")
     parser.add_argument("--baseline_tags", nargs="*", default=[],
                         help="other runs of this script on the same seeds, shown beside this tag and paired against its R2ec")
     args = parser.parse_args()
     missing = [t for t in args.baseline_tags if not os.path.exists(os.path.join(REPO, "bench", "results", f"{t}.jsonl"))]
     if missing:  # before hours of training, not after
         parser.error(f"--baseline_tags {' '.join(missing)}: no bench/results/<tag>.jsonl; run them first (e.g. with --models SASRec).")
+    if args.post_loss == "first_stage" and not args.first_stage_from:
+        parser.error("--post_loss first_stage needs --first_stage_from (the control starts from the saved warm-up)")
+    if args.first_stage_from:
+        absent = [s for s in args.seeds.split(",") if not os.path.isdir(os.path.join(args.first_stage_from, s))]
+        if absent:
+            parser.error(f"--first_stage_from {args.first_stage_from}: no folder for seed(s) {', '.join(absent)}; "
+                         "train those warm-ups first (recpo_epochs=0, checkpoint_dir=<dir>/<seed>).")
     command = "python bench/r2ec_learns.py " + " ".join(sys.argv[1:])
     sys.argv = sys.argv[:1]
     import yaml
@@ -151,7 +182,8 @@ def main():
     if not args.rebuild:
         for seed in [int(s) for s in args.seeds.split(",")]:
             for model in args.models.split(","):
-                record = {**run_seed(model, seed, overrides, out_dir), "commit": commit, "command": command}
+                record = {**run_seed(model, seed, overrides, out_dir, args.first_stage_from, args.post_loss),
+                          "commit": commit, "command": command}
                 with open(jsonl, "a", encoding="utf-8") as f:
                     f.write(json.dumps(record, default=float) + "\n")
                 print(model, seed, record["test"]["ndcg@10"], record.get("stage_valid_ndcg@10"), flush=True)

@@ -11,6 +11,7 @@ from recbole.data import data_preparation
 from recbole.utils import init_seed
 
 from recbole_reason import create_dataset, get_model, get_trainer
+from recbole_reason.compare import log_valid_scores
 from recbole_reason.compat import load_checkpoint
 from recbole_reason.data.r2ec_vocab import ANS, ITEMP, PAD, THINK, UNK, render_token
 from recbole_reason.model.rl import (
@@ -540,6 +541,45 @@ def test_recpo_entered_from_a_saved_warmup_repeats_the_in_fit_recpo_epoch(tiny_d
     changed = [name for name, value in probe.state_dict().items() if not torch.equal(value, entered["warmup"][name])]
     assert changed  # RecPO moved the weights ...
     assert all(torch.equal(value, in_fit.state_dict()[name]) for name, value in probe.state_dict().items())  # ... alike
+
+
+def test_fit_post_training_from_a_saved_warmup_keeps_it_unless_recpo_raises_valid(tiny_data, tmp_path):
+    """`fit_post_training_from` (bench/r2ec_learns.py --first_stage_from): RecPO alone from a warm-up checkpoint, with
+    that checkpoint's valid score as the one to beat, so RecPO and its control start from the same weights."""
+    settings = dict(epochs=1, train_batch_size=128, user_inter_num_interval="[20,25]", save_resume_state=False)
+    warm_config = _config(recpo_epochs=0, checkpoint_dir=str(tmp_path / "warmup"), **settings)
+    _, train_data, valid_data, _ = _prepare(warm_config)
+    init_seed(warm_config["seed"], warm_config["reproducibility"])
+    trainer_class = get_trainer(warm_config["MODEL_TYPE"], "R2ec")
+    warm_trainer = trainer_class(warm_config, get_model("R2ec")(warm_config, train_data._dataset))
+    warm_valid, _ = warm_trainer.fit(train_data, valid_data, saved=True)
+    warmup = torch.load(warm_trainer.saved_model_file, weights_only=False)
+
+    config = _config(recpo_epochs=1, checkpoint_dir=str(tmp_path / "recpo"), **settings)
+    model = get_model("R2ec")(config, train_data._dataset)
+    trainer = trainer_class(config, model)
+    log = log_valid_scores(trainer)
+    best, _ = trainer.fit_post_training_from(warm_trainer.saved_model_file, train_data, valid_data, saved=True)
+    assert [stage for stage, _ in log] == ["warmup", "recpo"]
+    assert log[0][1] == pytest.approx(warm_valid)  # the warm-up's weights were loaded and scored
+    recpo_valid = log[1][1]
+    assert best == pytest.approx(max(warm_valid, recpo_valid))
+    kept = torch.load(trainer.saved_model_file, weights_only=False)
+    assert os.path.dirname(trainer.saved_model_file) == str(tmp_path / "recpo")  # the warm-up's file is untouched
+    assert any(not torch.equal(v, warmup["state_dict"][k]) for k, v in model.state_dict().items())  # RecPO trained
+    expected = model.state_dict() if recpo_valid > warm_valid else warmup["state_dict"]
+    assert all(torch.equal(v, expected[k]) for k, v in kept["state_dict"].items())
+    assert kept["stage"] == ("recpo" if recpo_valid > warm_valid else "warmup")
+
+    kept["stage"] = "recpo"  # a checkpoint RecPO already improved on is not a first stage
+    torch.save(kept, tmp_path / "recpo.pth")
+    with pytest.raises(ValueError, match="recpo stage, not the warmup stage"):
+        trainer_class(config, get_model("R2ec")(config, train_data._dataset)).fit_post_training_from(
+            str(tmp_path / "recpo.pth"), train_data, valid_data)
+    off = _config(recpo_epochs=0, checkpoint_dir=str(tmp_path / "off"), **settings)
+    with pytest.raises(ValueError, match="recpo_epochs is 0"):
+        trainer_class(off, get_model("R2ec")(off, train_data._dataset)).fit_post_training_from(
+            warm_trainer.saved_model_file, train_data, valid_data)
 
 
 def test_first_recpo_epoch_does_not_depend_on_how_many_follow(tiny_data, tmp_path, monkeypatch):

@@ -242,6 +242,36 @@ class PostTrainingTrainer(ReasonTrainer):
         self.stage_results[self.post_stage] = result
         return result
 
+    def fit_post_training_from(self, checkpoint_file, train_data, valid_data, verbose=True, saved=True,
+                               show_progress=False, callback_fn=None):
+        """The post-training stage alone, entered from a first-stage checkpoint as `fit` enters it after stage 1:
+        the checkpoint's weights, their valid score (measured again on `valid_data`) as the score to beat, and the
+        first-stage model written to this run's own checkpoint file, so the run keeps it unless post-training raises
+        valid. Several post-training settings can so start from one trained first stage."""
+        if self.post_epochs == 0:
+            raise ValueError(f"{self.post_epochs_key} is 0: there is no {self.post_stage} stage to fit. "
+                             f"Set {self.post_epochs_key} >= 1.")
+        if not valid_data:
+            raise ValueError("fit_post_training_from needs valid_data: the first-stage model is kept unless "
+                             f"{self.post_stage} raises valid.")
+        first_stage = type(self).stage
+        self._note_items(train_data)
+        checkpoint = self.load_model_weights(checkpoint_file)
+        if checkpoint.get("stage", first_stage) != first_stage:
+            raise ValueError(f"{checkpoint_file} holds a model saved in the {checkpoint['stage']} stage, not the "
+                             f"{first_stage} stage: pass a checkpoint of a run with {self.post_epochs_key}=0.")
+        self.best_valid_score, self.best_valid_result = self._valid_epoch(valid_data, show_progress=show_progress)
+        self.stage_results[first_stage] = (self.best_valid_score, self.best_valid_result)
+        if saved:
+            self._save_checkpoint(checkpoint["epoch"], verbose=verbose)
+        self._log_stage(verbose, 2, self.post_stage, f"from {checkpoint_file} (valid {self.best_valid_score:.4f}), "
+                                                     f"{self.post_epochs_key}={self.post_epochs}, lr={self.post_learning_rate}")
+        self._enter_post_stage(train_data, start_epoch=checkpoint["epoch"] + 1)
+        self._write_resume_state(self.start_epoch - 1, train_data, done=False, saved=saved)
+        result = super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
+        self.stage_results[self.post_stage] = result
+        return result
+
     def _enter_post_stage(self, train_data, start_epoch, extra=None):
         """Frozen reference copy, the subclass's set-up (or its restore from a resume state), a fresh optimizer at
         the post-training learning rate and clipping, and the stage's epoch range."""
