@@ -122,7 +122,10 @@ def summarize(records, out_dir, command, reading="", baselines=()):
     if r2ec:
         for label, runs, d in ([("SASRec", by("SASRec"), out_dir)] if by("SASRec") else []) + others:
             lines += ["", paired_line(label, r2ec, out_dir, runs, d)]
-        lines += ["", "| seed | valid NDCG@10 per epoch | warm-up valid (best) | RecPO valid (best) | RecPO >= warm-up | "
+        post = "RecPO" if all(r.get("post_loss", "post") == "post" for r in r2ec) else "control stage (warm-up loss)"
+        if any(r.get("first_stage_from") for r in r2ec):
+            lines += ["", f"R2ec's stage 2 started from saved warm-ups (`--first_stage_from`): its fit CPU s are stage 2's only."]
+        lines += ["", f"| seed | valid NDCG@10 per epoch | warm-up valid (best) | {post} valid (best) | {post} >= warm-up | "
                   "test generated | constant (diff, Wilcoxon p) | random (diff, Wilcoxon p) | "
                   "distinct test reasonings (most common's share) |", "|---:|---|---:|---:|---|---:|---|---|---:|"]
         for r in r2ec:
