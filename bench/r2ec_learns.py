@@ -37,9 +37,10 @@ sys.path.insert(0, REPO)
 
 
 def run_seed(model_name, seed, overrides, out_dir, first_stage_from=None, post_loss="post"):
+    """first_stage_from: {seed: R2ec warm-up checkpoint} (`--first_stage_from`), or None."""
     from recbole.utils import init_seed
 
-    from recbole_reason.compare import device_name, log_valid_scores, saved_checkpoints
+    from recbole_reason.compare import device_name, log_valid_scores
     from recbole_reason.config import Config
     from recbole_reason.depth_study import content_control_results, reasoning_diversity
     from recbole_reason.per_user import per_user_metrics, save_per_user
@@ -53,10 +54,7 @@ def run_seed(model_name, seed, overrides, out_dir, first_stage_from=None, post_l
     valid_log = log_valid_scores(trainer, "ndcg@10")  # RecPO's own epochs, not the best so far
     if post_loss == "first_stage" and model_name == "R2ec":  # the control: the warm-up's loss, under the post stage's set-up
         trainer.post_training_loss = trainer.model.calculate_loss
-    first_stage = None
-    if first_stage_from and model_name == "R2ec":
-        first_stage = saved_checkpoints(os.path.join(first_stage_from, str(seed)), model_name,
-                                        "train the warm-up first (recpo_epochs=0)")[0]
+    first_stage = first_stage_from and model_name == "R2ec" and first_stage_from[seed]
     cpu, wall = time.process_time(), time.perf_counter()
     if first_stage:
         trainer.fit_post_training_from(first_stage, train_data, valid_data, saved=True)
@@ -166,11 +164,16 @@ def main():
         parser.error(f"--baseline_tags {' '.join(missing)}: no bench/results/<tag>.jsonl; run them first (e.g. with --models SASRec).")
     if args.post_loss == "first_stage" and not args.first_stage_from:
         parser.error("--post_loss first_stage needs --first_stage_from (the control starts from the saved warm-up)")
-    if args.first_stage_from:
-        absent = [s for s in args.seeds.split(",") if not os.path.isdir(os.path.join(args.first_stage_from, s))]
-        if absent:
-            parser.error(f"--first_stage_from {args.first_stage_from}: no folder for seed(s) {', '.join(absent)}; "
-                         "train those warm-ups first (recpo_epochs=0, checkpoint_dir=<dir>/<seed>).")
+    first_stages = None
+    if args.first_stage_from and not args.rebuild:  # every seed's checkpoint before hours of training, not after
+        from recbole_reason.compare import saved_checkpoints
+
+        try:
+            first_stages = {int(s): saved_checkpoints(os.path.join(args.first_stage_from, s), "R2ec",
+                                                      "train that seed's warm-up first (recpo_epochs=0, "
+                                                      "checkpoint_dir=<dir>/<seed>)")[0] for s in args.seeds.split(",")}
+        except FileNotFoundError as error:
+            parser.error(f"--first_stage_from: {error}")
     command = "python bench/r2ec_learns.py " + " ".join(sys.argv[1:])
     sys.argv = sys.argv[:1]
     import yaml
@@ -185,7 +188,7 @@ def main():
     if not args.rebuild:
         for seed in [int(s) for s in args.seeds.split(",")]:
             for model in args.models.split(","):
-                record = {**run_seed(model, seed, overrides, out_dir, args.first_stage_from, args.post_loss),
+                record = {**run_seed(model, seed, overrides, out_dir, first_stages, args.post_loss),
                           "commit": commit, "command": command}
                 with open(jsonl, "a", encoding="utf-8") as f:
                     f.write(json.dumps(record, default=float) + "\n")

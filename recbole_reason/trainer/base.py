@@ -234,13 +234,8 @@ class PostTrainingTrainer(ReasonTrainer):
 
         if saved and valid_data:
             self.load_model_weights(self.saved_model_file)
-        self._log_stage(verbose, 2, self.post_stage, f"{self.post_epochs_key}={self.post_epochs}, lr={self.post_learning_rate}")
-        self._enter_post_stage(train_data, start_epoch=len(self.train_loss_dict))
-        # Resuming from here on skips stage 1 and keeps this reference model, whatever the checkpoint holds later.
-        self._write_resume_state(self.start_epoch - 1, train_data, done=False, saved=saved)
-        result = super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
-        self.stage_results[self.post_stage] = result
-        return result
+        return self._fit_post_stage(len(self.train_loss_dict), "", train_data, valid_data, verbose, saved,
+                                    show_progress, callback_fn)
 
     def fit_post_training_from(self, checkpoint_file, train_data, valid_data, verbose=True, saved=True,
                                show_progress=False, callback_fn=None):
@@ -264,9 +259,15 @@ class PostTrainingTrainer(ReasonTrainer):
         self.stage_results[first_stage] = (self.best_valid_score, self.best_valid_result)
         if saved:
             self._save_checkpoint(checkpoint["epoch"], verbose=verbose)
-        self._log_stage(verbose, 2, self.post_stage, f"from {checkpoint_file} (valid {self.best_valid_score:.4f}), "
-                                                     f"{self.post_epochs_key}={self.post_epochs}, lr={self.post_learning_rate}")
-        self._enter_post_stage(train_data, start_epoch=checkpoint["epoch"] + 1)
+        return self._fit_post_stage(checkpoint["epoch"] + 1, f"from {checkpoint_file} (valid {self.best_valid_score:.4f}), ",
+                                    train_data, valid_data, verbose, saved, show_progress, callback_fn)
+
+    def _fit_post_stage(self, start_epoch, origin, train_data, valid_data, verbose, saved, show_progress, callback_fn):
+        """Stage 2 from the first-stage weights now in the model (`fit`, `fit_post_training_from`)."""
+        self._log_stage(verbose, 2, self.post_stage,
+                        f"{origin}{self.post_epochs_key}={self.post_epochs}, lr={self.post_learning_rate}")
+        self._enter_post_stage(train_data, start_epoch=start_epoch)
+        # Resuming from here on skips stage 1 and keeps this reference model, whatever the checkpoint holds later.
         self._write_resume_state(self.start_epoch - 1, train_data, done=False, saved=saved)
         result = super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
         self.stage_results[self.post_stage] = result
